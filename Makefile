@@ -1,0 +1,40 @@
+# Two commands on a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch and torchvision are pinned here (the install path CI and the README use);
+# the package itself only asks for torch>=2.1.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+EXTRAS := test,examples,docs,bench,dev
+
+.PHONY: demo test test-quick lint docs bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m examples.demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(PY) -m pytest -n 2 --durations=15
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests examples benchmarks
+
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W -b html docs docs/_build/html
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) docs/_build runs .pytest_cache .hypothesis

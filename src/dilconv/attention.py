@@ -1,0 +1,191 @@
+"""Convolutional Block Attention Module (Woo et al., CBAM, ECCV 2018, eq. 1-4).
+
+Channel attention (eq. 2) then spatial attention (eq. 3), each applied multiplicatively
+(eq. 1). The layout follows the authors' code: the shared MLP has a bias on both layers and
+a hidden width of :func:`~dilconv._checks.reduced_channels` ``(C, reduction)``; the spatial
+``k x k`` convolution has no bias and is followed by a norm layer, with no activation
+before the sigmoid. State-dict keys: ``channel.fc1``, ``channel.fc2``, ``spatial.conv``,
+``spatial.bn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dilconv._checks import check_feature_map, check_positive, reduced_channels
+
+__all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
+
+NormLayer = Callable[..., nn.Module]
+ActLayer = Callable[..., nn.Module]
+
+
+def _check_odd_kernel(name: str, kernel_size: int) -> int:
+    check_positive(name, kernel_size)
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"{name} must be odd so that padding {name}//2 keeps the size, got {kernel_size}"
+        )
+    return kernel_size
+
+
+class ChannelAttention(nn.Module):
+    """Rescales channels by a gate from their average- and max-pooled descriptors (eq. 2).
+
+    ``M_c = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, one MLP shared by both
+    descriptors: 1x1 conv to ``max(1, C // reduction)`` channels, activation, 1x1 conv
+    back to C (both with bias). The output is ``x * M_c``.
+
+    Args:
+        channels: C, channels in and out.
+        reduction: hidden width is ``max(1, C // reduction)`` (floor, never below 1).
+        act_layer: activation class of the MLP, called with no arguments.
+
+    Shape:
+        input (N, C, H, W) -> output (N, C, H, W)
+
+    Example:
+        >>> import torch
+        >>> from dilconv import ChannelAttention
+        >>> ChannelAttention(32, reduction=8)(torch.randn(2, 32, 7, 9)).shape
+        torch.Size([2, 32, 7, 9])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        *,
+        act_layer: ActLayer = nn.ReLU,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_positive("channels", channels)
+        check_positive("reduction", reduction)
+        dd = {"device": device, "dtype": dtype}
+        self.channels = channels
+        self.out_channels = channels
+        self.reduction = reduction
+        self.hidden_channels = reduced_channels(channels, reduction)
+        self.fc1 = nn.Conv2d(channels, self.hidden_channels, 1, **dd)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(self.hidden_channels, channels, 1, **dd)
+
+    def _mlp(self, descriptor: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(descriptor)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_feature_map(x, channels=self.channels, name=type(self).__name__)
+        avg = self._mlp(x.mean((2, 3), keepdim=True))
+        peak = self._mlp(x.amax((2, 3), keepdim=True))
+        return x * torch.sigmoid(avg + peak)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, reduction={self.reduction}, "
+            f"hidden_channels={self.hidden_channels}"
+        )
+
+
+class SpatialAttention(nn.Module):
+    """Rescales positions by a gate from the channel-wise mean and max (eq. 3).
+
+    ``M_s = sigmoid(norm(conv_kxk([mean_c(x); max_c(x)])))``: the two one-channel maps are
+    concatenated (mean first), a ``k x k`` convolution (2 -> 1 channel, padding ``k // 2``,
+    no bias) and a norm layer follow, with no activation. The output is ``x * M_s``.
+    Works on any number of channels.
+
+    Args:
+        kernel_size: k, odd and positive (the paper uses 7).
+        norm_layer: called as ``norm_layer(1, device=..., dtype=...)``.
+
+    Shape:
+        input (N, C, H, W) -> output (N, C, H, W)
+
+    Example:
+        >>> import torch
+        >>> from dilconv import SpatialAttention
+        >>> SpatialAttention(kernel_size=3)(torch.randn(2, 5, 7, 9)).shape
+        torch.Size([2, 5, 7, 9])
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        *,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_odd_kernel("kernel_size", kernel_size)
+        dd = {"device": device, "dtype": dtype}
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
+        self.bn = norm_layer(1, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_feature_map(x, name=type(self).__name__)
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}"
+
+
+class CBAM(nn.Module):
+    """Channel attention then spatial attention, both multiplicative (Woo et al., eq. 1).
+
+    ``x' = M_c(x) * x``, ``x'' = M_s(x') * x'``; both gates lie in (0, 1), so
+    ``|CBAM(x)| <= |x|`` element-wise.
+
+    Args:
+        channels: C, channels in and out.
+        reduction: the channel MLP's hidden width is ``max(1, C // reduction)``.
+        spatial_kernel: k of the spatial ``k x k`` convolution, odd and positive.
+        act_layer: activation class of the channel MLP, called with no arguments.
+        norm_layer: norm after the spatial convolution, called as
+            ``norm_layer(1, device=..., dtype=...)``.
+
+    Shape:
+        input (N, C, H, W) -> output (N, C, H, W)
+
+    Example:
+        >>> import torch
+        >>> from dilconv import CBAM
+        >>> CBAM(64)(torch.randn(2, 64, 15, 16)).shape
+        torch.Size([2, 64, 15, 16])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 16,
+        spatial_kernel: int = 7,
+        *,
+        act_layer: ActLayer = nn.ReLU,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_odd_kernel("spatial_kernel", spatial_kernel)
+        self.channels = channels
+        self.out_channels = channels
+        self.channel = ChannelAttention(
+            channels, reduction, act_layer=act_layer, device=device, dtype=dtype
+        )
+        self.spatial = SpatialAttention(
+            spatial_kernel, norm_layer=norm_layer, device=device, dtype=dtype
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_feature_map(x, channels=self.channels, name=type(self).__name__)
+        return self.spatial(self.channel(x))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"

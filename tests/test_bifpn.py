@@ -1,0 +1,240 @@
+"""BiFPNLayer and BiFPN: EfficientDet's bidirectional pyramid (fig. 2f)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dilconv import BiFPN, BiFPNLayer, WeightedFusion
+
+
+def pyramid_sizes(height: int, width: int, num_levels: int) -> list[tuple[int, int]]:
+    sizes = [(height, width)]
+    for _ in range(num_levels - 1):
+        h, w = sizes[-1]
+        sizes.append(((h + 1) // 2, (w + 1) // 2))
+    return sizes
+
+
+def make_maps(channels, sizes, batch=2):
+    return [torch.randn(batch, c, h, w) for c, (h, w) in zip(channels, sizes, strict=True)]
+
+
+def shapes(maps):
+    return [tuple(x.shape) for x in maps]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    num_levels=st.integers(2, 5),
+    height=st.integers(1, 33),
+    width=st.integers(1, 33),
+    channels=st.integers(1, 6),
+)
+def test_layer_keeps_every_level_shape(num_levels, height, width, channels):
+    maps = make_maps([channels] * num_levels, pyramid_sizes(height, width, num_levels))
+    out = BiFPNLayer(channels, num_levels)(maps)
+    assert isinstance(out, list)
+    assert shapes(out) == shapes(maps)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    in_channels=st.lists(st.integers(1, 9), min_size=2, max_size=5),
+    height=st.integers(1, 33),
+    width=st.integers(1, 33),
+    channels=st.integers(1, 6),
+    num_layers=st.integers(1, 2),
+)
+def test_bifpn_output_shapes(in_channels, height, width, channels, num_layers):
+    sizes = pyramid_sizes(height, width, len(in_channels))
+    out = BiFPN(in_channels, channels, num_layers)(make_maps(in_channels, sizes))
+    assert shapes(out) == [(2, channels, h, w) for h, w in sizes]
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [(9, 7), (4, 4), (3, 2)],  # not ceil-halves
+        [(8, 8), (8, 8), (4, 4)],  # two levels of one stride, as in EfficientNet-b4
+        [(5, 6), (2, 2), (1, 1)],
+    ],
+)
+def test_layer_lines_up_any_decreasing_sizes(sizes):
+    maps = make_maps([4] * len(sizes), sizes)
+    assert shapes(BiFPNLayer(4, len(sizes))(maps)) == shapes(maps)
+
+
+def test_sequence_and_mapping_give_the_same_result():
+    neck = BiFPN([3, 8, 5], 8, num_layers=2).eval()
+    maps = make_maps([3, 8, 5], pyramid_sizes(12, 10, 3))
+    as_list = neck(maps)
+    as_dict = neck({"c3": maps[0], "c4": maps[1], "c5": maps[2]})
+    assert isinstance(as_list, list) and isinstance(as_dict, dict)
+    assert list(as_dict) == ["c3", "c4", "c5"]
+    for a, b in zip(as_list, as_dict.values(), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(neck(tuple(maps)), as_list)
+
+
+def test_layer_mapping_keeps_keys():
+    maps = make_maps([4] * 4, pyramid_sizes(16, 16, 4))
+    features = {name: x for name, x in zip(["0", "1", "2", "3"], maps, strict=True)}
+    out = BiFPNLayer(4, 4)(features)
+    assert list(out) == list(features)
+    assert shapes(out.values()) == shapes(maps)
+
+
+def test_top_down_and_bottom_up_paths_connect_every_level():
+    layer = BiFPNLayer(4, 4).eval()
+    maps = make_maps([4] * 4, pyramid_sizes(16, 12, 4), batch=1)
+    base = layer(maps)
+    finer = layer([maps[0] + 1.0, *maps[1:]])
+    coarser = layer([*maps[:-1], maps[-1] + 1.0])
+    assert not torch.allclose(base[-1], finer[-1])  # bottom-up reaches the coarsest output
+    assert not torch.allclose(base[0], coarser[0])  # top-down reaches the finest output
+
+
+@pytest.mark.parametrize("fusion", ["fast", "softmax"])
+@pytest.mark.parametrize("num_levels", [2, 3, 5])
+def test_gradients_reach_every_fusion_weight(fusion, num_levels):
+    in_channels = [3 + i for i in range(num_levels)]
+    neck = BiFPN(in_channels, 4, num_layers=2, fusion=fusion)
+    out = neck(make_maps(in_channels, pyramid_sizes(16, 12, num_levels)))
+    sum(y.sum() for y in out).backward()
+    fusions = [m for m in neck.modules() if isinstance(m, WeightedFusion)]
+    assert len(fusions) == 2 * 2 * (num_levels - 1)
+    for fusion_module in fusions:
+        assert fusion_module.weight.grad is not None
+        assert bool((fusion_module.weight.grad != 0).all())
+
+
+@pytest.mark.parametrize("num_levels", [2, 3, 5])
+def test_node_layout_and_parameter_count(num_levels):
+    c = 6
+    layer = BiFPNLayer(c, num_levels)
+    arity = [len(node.fusion.weight) for node in layer.bottom_up]
+    assert [len(node.fusion.weight) for node in layer.top_down] == [2] * (num_levels - 1)
+    assert arity == [3] * (num_levels - 2) + [2]
+    # depthwise 3x3 (no bias) + pointwise 1x1 (bias) + BatchNorm affine, per node
+    per_node = 9 * c + c * c + c + 2 * c
+    expected = 2 * (num_levels - 1) * per_node + 2 * (num_levels - 1) + sum(arity)
+    assert sum(p.numel() for p in layer.parameters()) == expected
+
+
+def test_state_dict_keys():
+    keys = set(BiFPN([5, 4, 7], 4, num_layers=2).state_dict())
+    for key in [
+        "projections.0.0.weight",
+        "projections.0.1.running_mean",
+        "projections.2.0.weight",
+        "layers.1.top_down.1.fusion.weight",
+        "layers.0.bottom_up.0.depthwise.weight",
+        "layers.0.bottom_up.1.pointwise.weight",
+        "layers.0.bottom_up.1.pointwise.bias",
+        "layers.0.top_down.0.norm.weight",
+    ]:
+        assert key in keys
+    assert not any(key.startswith("projections.1.") for key in keys)
+    assert "layers.0.top_down.0.depthwise.bias" not in keys
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "channels"),
+    [([4, 4, 4], 4), ([3, 4, 5], 4), ([3, 5, 6, 7], 4), ([8, 8], 4)],
+)
+def test_projections_only_where_channels_differ(in_channels, channels):
+    neck = BiFPN(in_channels, channels, num_layers=1)
+    projected = [not isinstance(p, nn.Identity) for p in neck.projections]
+    assert projected == [c != channels for c in in_channels]
+    convs = [m for m in neck.projections.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == sum(c != channels for c in in_channels)
+    assert len(neck.layers) == 1 and neck.out_channels == channels
+
+
+@pytest.mark.parametrize("height", [7, 8, 11])
+def test_extra_level(height):
+    neck = BiFPN([3, 5], 4, num_layers=1, extra_level=True)
+    sizes = pyramid_sizes(height, height + 3, 2)
+    maps = make_maps([3, 5], sizes)
+    out = neck(maps)
+    h, w = sizes[-1]
+    assert shapes(out) == [(2, 4, *s) for s in sizes] + [(2, 4, (h + 1) // 2, (w + 1) // 2)]
+    torch.testing.assert_close(out[-1], F.max_pool2d(out[-2], 1, stride=2))
+    named = neck({"c4": maps[0], "c5": maps[1]})
+    assert list(named) == ["c4", "c5", "pool"]
+    with pytest.raises(ValueError, match="'pool'"):
+        neck({"c4": maps[0], "pool": maps[1]})
+
+
+def test_wrong_levels_and_channels():
+    neck = BiFPN([3, 5, 7], 4)
+    maps = make_maps([3, 5, 7], pyramid_sizes(8, 8, 3))
+    with pytest.raises(ValueError, match="expected 3 feature maps.*got 2"):
+        neck(maps[:2])
+    with pytest.raises(ValueError, match="level 1 expected 5 input channels, got 6"):
+        neck([maps[0], torch.randn(2, 6, 4, 4), maps[2]])
+    with pytest.raises(ValueError, match="BiFPNLayer expected 3 feature maps"):
+        BiFPNLayer(4, 3)(make_maps([4] * 4, pyramid_sizes(8, 8, 4)))
+    with pytest.raises(ValueError, match="4-D"):
+        neck([maps[0], maps[1], torch.randn(7, 2, 2)])
+    with pytest.raises(TypeError, match="one Tensor"):
+        neck(maps[0])
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: BiFPN([16], 8), ValueError, "at least 2 levels"),
+        (lambda: BiFPN([], 8), ValueError, "at least 2 levels"),
+        (lambda: BiFPN(16, 8), TypeError, "in_channels"),
+        (lambda: BiFPN([16, 0], 8), ValueError, "in_channels"),
+        (lambda: BiFPN([16, 32], 0), ValueError, "channels"),
+        (lambda: BiFPN([16, 32], 8, num_layers=0), ValueError, "num_layers"),
+        (lambda: BiFPN([16, 32], 8, fusion="max"), ValueError, "fusion"),
+        (lambda: BiFPN([16, 32], 8, eps=-1.0), ValueError, "eps"),
+        (lambda: BiFPNLayer(8, num_levels=1), ValueError, "num_levels"),
+        (lambda: BiFPNLayer(0), ValueError, "channels"),
+    ],
+)
+def test_bad_arguments(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_bfloat16_autocast_and_other_layers():
+    neck = BiFPN([3, 6, 5], 4, num_layers=2, act_layer=nn.GELU, norm_layer=nn.Identity)
+    maps = make_maps([3, 6, 5], pyramid_sizes(9, 7, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = neck(maps)
+    assert all(bool(torch.isfinite(y).all()) for y in out)
+
+
+def test_bfloat16_autocast_with_batchnorm():
+    neck = BiFPN([3, 4], 4, num_layers=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = neck(make_maps([3, 4], pyramid_sizes(6, 6, 2)))
+    assert all(bool(torch.isfinite(y).all()) for y in out)
+
+
+def test_factory_kwargs():
+    neck = BiFPN([3, 5], 4, device="meta", dtype=torch.float64)
+    assert {p.device.type for p in neck.parameters()} == {"meta"}
+    assert {p.dtype for p in neck.parameters()} == {torch.float64}
+    layer = BiFPNLayer(4, 3, dtype=torch.float64)
+    out = layer([x.double() for x in make_maps([4] * 3, pyramid_sizes(6, 6, 3))])
+    assert out[0].dtype == torch.float64
+
+
+def test_channels_last():
+    neck = BiFPN([3, 5], 4).eval()
+    maps = make_maps([3, 5], pyramid_sizes(8, 6, 2))
+    expected = neck(maps)
+    neck = neck.to(memory_format=torch.channels_last)
+    out = neck([x.to(memory_format=torch.channels_last) for x in maps])
+    for a, b in zip(out, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,98 @@
+"""FPNNeck: shapes over random pyramids, torchvision equivalence, containers, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from dilconv import FPNNeck
+
+
+def pyramid(h: int, w: int, channels: list[int], batch: int = 1) -> list[torch.Tensor]:
+    maps = []
+    for c in channels:
+        maps.append(torch.randn(batch, c, h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return maps
+
+
+@given(h=st.integers(1, 33), w=st.integers(1, 33), levels=st.integers(1, 4),
+       mode=st.sampled_from(["nearest", "bilinear", "transposed"]), smooth_top=st.booleans(),
+       out=st.integers(1, 12))
+def test_shapes(h, w, levels, mode, smooth_top, out):
+    channels = [3 + i for i in range(levels)]
+    neck = FPNNeck(channels, out, upsample=mode, smooth_top=smooth_top).eval()
+    feats = pyramid(h, w, channels)
+    outs = neck(feats)
+    assert [o.shape for o in outs] == [(1, out, *f.shape[-2:]) for f in feats]
+
+
+def test_same_as_torchvision_fpn():
+    channels = [8, 16, 32, 64]
+    ours = FPNNeck(channels, 24, extra_level=True).eval()
+    theirs = FeaturePyramidNetwork(channels, 24, extra_blocks=LastLevelMaxPool()).eval()
+    for i in range(len(channels)):
+        theirs.inner_blocks[i][0].load_state_dict(ours.lateral[i].state_dict())
+        theirs.layer_blocks[i][0].load_state_dict(ours.smooth[i].state_dict())
+    feats = dict(zip("abcd", pyramid(29, 17, channels, batch=2)))
+    mine, ref = ours(feats), theirs(feats)
+    assert list(mine) == list(ref) == ["a", "b", "c", "d", "pool"]
+    for key in ref:
+        torch.testing.assert_close(mine[key], ref[key])
+
+
+def test_mapping_in_mapping_out_sequence_in_list_out():
+    neck = FPNNeck([4, 8]).eval()
+    feats = pyramid(9, 9, [4, 8])
+    assert isinstance(neck(feats), list)
+    out = neck({"c2": feats[0], "c3": feats[1]})
+    assert list(out) == ["c2", "c3"]
+    torch.testing.assert_close(out["c3"], neck(feats)[1])
+
+
+def test_extra_level_halves_the_coarsest():
+    neck = FPNNeck([4, 8], 6, extra_level=True).eval()
+    outs = neck(pyramid(13, 11, [4, 8]))
+    assert len(outs) == 3 and outs[-1].shape == (1, 6, 4, 3)
+
+
+def test_state_dict_keys_are_stable():
+    keys = set(FPNNeck([4, 8, 16], 8, smooth_top=False).state_dict())
+    assert keys == {f"lateral.{i}.{p}" for i in range(3) for p in ("weight", "bias")} | {
+        f"smooth.{i}.{p}" for i in range(2) for p in ("weight", "bias")}
+    transposed = FPNNeck([4, 8], 8, upsample="transposed").state_dict()
+    assert "upsample.0.conv.weight" in transposed and "upsample.0.norm.running_mean" in transposed
+
+
+def test_smooth_top_false_passes_coarsest_lateral_through():
+    neck = FPNNeck([4, 8], 6, smooth_top=False).eval()
+    feats = pyramid(8, 8, [4, 8])
+    torch.testing.assert_close(neck(feats)[-1], neck.lateral[-1](feats[-1]))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"in_channels": []}, "in_channels"),
+    ({"in_channels": [4, 0]}, "in_channels"),
+    ({"in_channels": [4], "out_channels": 0}, "out_channels"),
+    ({"in_channels": [4], "upsample": "cubic"}, "upsample"),
+])
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FPNNeck(**kwargs)
+
+
+def test_bad_inputs_are_clear():
+    neck = FPNNeck([4, 8, 16])
+    feats = pyramid(8, 8, [4, 8, 16])
+    with pytest.raises(ValueError, match=r"expected 3 feature maps .* got 2"):
+        neck(feats[:2])
+    with pytest.raises(ValueError, match="level 1 expected 8 input channels, got 9"):
+        neck([feats[0], torch.randn(1, 9, 4, 4), feats[2]])
+    with pytest.raises(TypeError, match="got one Tensor"):
+        neck(feats[0])
+    with pytest.raises(ValueError, match="one batch size"):
+        neck([feats[0], torch.randn(2, 8, 4, 4), feats[2]])

@@ -1,0 +1,185 @@
+"""WeightedFusion: EfficientDet fast / softmax / sum fusion (eq. 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dilconv import WeightedFusion
+
+MODES = ("fast", "softmax", "sum")
+shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
+
+
+@settings(max_examples=20, deadline=None)
+@given(num_inputs=st.integers(1, 4), shape=shapes, mode=st.sampled_from(MODES))
+def test_output_has_the_input_shape_and_dtype(num_inputs, shape, mode):
+    inputs = [torch.randn(shape) for _ in range(num_inputs)]
+    out = WeightedFusion(num_inputs, mode=mode)(inputs)
+    assert out.shape == shape
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num_inputs", [1, 2, 3])
+def test_weight_is_one_per_input_and_initialised_to_one(mode, num_inputs):
+    fuse = WeightedFusion(num_inputs, mode=mode)
+    assert fuse.weight.shape == (num_inputs,)
+    assert torch.equal(fuse.weight.detach(), torch.ones(num_inputs))
+    with torch.no_grad():
+        fuse.weight.uniform_(-3.0, 3.0)
+    fuse.reset_parameters()
+    assert torch.equal(fuse.weight.detach(), torch.ones(num_inputs))
+    assert [name for name, _ in fuse.named_parameters()] == ["weight"]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    weights=st.lists(st.floats(-2.0, 5.0), min_size=1, max_size=4),
+    eps=st.sampled_from([1e-4, 1e-2, 0.5]),
+)
+def test_fast_mode_is_eq3(weights, eps):
+    fuse = WeightedFusion(len(weights), eps=eps)
+    with torch.no_grad():
+        fuse.weight.copy_(torch.tensor(weights))
+    inputs = [torch.randn(2, 3, 4, 5) for _ in weights]
+    w = torch.tensor(weights).relu()
+    expected = sum(wi * x for wi, x in zip(w, inputs, strict=True)) / (eps + w.sum())
+    torch.testing.assert_close(fuse(inputs), expected)
+
+
+def test_softmax_and_sum_modes():
+    weights = torch.tensor([0.3, -1.0, 2.0])
+    inputs = [torch.randn(2, 3, 4, 4) for _ in weights]
+    softmax = WeightedFusion(3, mode="softmax")
+    plain = WeightedFusion(3, mode="sum")
+    with torch.no_grad():
+        softmax.weight.copy_(weights)
+        plain.weight.copy_(weights)
+    p = weights.softmax(0)
+    expected = sum(pi * x for pi, x in zip(p, inputs, strict=True))
+    torch.testing.assert_close(softmax(inputs), expected)
+    torch.testing.assert_close(plain(inputs), sum(inputs))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    weights=st.lists(st.floats(0.01, 10.0), min_size=2, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_mode_output_is_a_convex_combination(weights, seed):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(1, 4, 3, 3, generator=generator) for _ in weights]
+    fuse = WeightedFusion(len(weights))
+    with torch.no_grad():
+        fuse.weight.copy_(torch.tensor(weights))
+    out = fuse(inputs)
+    stacked = torch.stack(inputs)
+    low, high = stacked.amin(0), stacked.amax(0)
+    # eq. 3's eps shrinks the combination towards 0 by the factor S / (S + eps).
+    slack = fuse.eps / sum(weights) * stacked.abs().amax(0) + 1e-6
+    assert bool((out >= low - slack).all()) and bool((out <= high + slack).all())
+
+
+@pytest.mark.parametrize("num_inputs", [2, 3])
+def test_all_zero_weights_stay_finite_in_float16(num_inputs):
+    fuse = WeightedFusion(num_inputs)
+    with torch.no_grad():
+        fuse.weight.zero_()
+    inputs = [torch.randn(2, 4, 3, 3, dtype=torch.float16) * 1000 for _ in range(num_inputs)]
+    out = fuse(inputs)
+    assert out.dtype == torch.float16
+    assert bool(torch.isfinite(out).all())
+    assert not out.any()
+
+    half = WeightedFusion(num_inputs, dtype=torch.float16)
+    with torch.no_grad():
+        half.weight.copy_(torch.tensor([0.0] * (num_inputs - 1) + [-5.0]))
+    assert bool(torch.isfinite(half(inputs)).all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_finite_under_bfloat16_autocast(mode):
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    fuse = WeightedFusion(2, mode=mode)
+    with torch.no_grad():
+        fuse.weight.zero_()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = conv(x)
+        out = fuse([a, conv(a)])
+    assert a.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16
+    assert bool(torch.isfinite(out).all())
+
+
+def test_mixed_dtypes_are_promoted():
+    a = torch.randn(1, 2, 3, 3)
+    b = torch.randn(1, 2, 3, 3, dtype=torch.bfloat16)
+    assert WeightedFusion(2)([a, b]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["fast", "softmax"])
+def test_gradient_reaches_the_weights(mode):
+    fuse = WeightedFusion(3, mode=mode)
+    inputs = [torch.randn(2, 3, 4, 4) + i for i in range(3)]
+    (fuse(inputs) ** 2).sum().backward()
+    assert fuse.weight.grad is not None
+    assert bool((fuse.weight.grad != 0).all())
+
+
+def test_sum_mode_leaves_the_weights_unused():
+    fuse = WeightedFusion(2, mode="sum")
+    fuse([torch.randn(3, requires_grad=True), torch.randn(3)]).sum().backward()
+    assert fuse.weight.grad is None
+
+
+def test_factory_kwargs():
+    fuse = WeightedFusion(3, device="meta", dtype=torch.float64)
+    assert fuse.weight.device.type == "meta"
+    assert fuse.weight.dtype == torch.float64
+
+
+def test_wrong_number_of_inputs():
+    with pytest.raises(ValueError, match="expected 3 inputs, got 2"):
+        WeightedFusion(3)([torch.randn(1, 2, 3, 3)] * 2)
+
+
+def test_inputs_of_different_shapes_name_the_shapes():
+    with pytest.raises(ValueError, match=r"\(1, 2, 3, 3\).*\(1, 2, 4, 4\)"):
+        WeightedFusion(2)([torch.randn(1, 2, 3, 3), torch.randn(1, 2, 4, 4)])
+
+
+def test_bad_inputs():
+    fuse = WeightedFusion(2)
+    with pytest.raises(TypeError, match="sequence of Tensors"):
+        fuse(torch.randn(2, 1, 3, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        fuse([torch.ones(2, 2, dtype=torch.long)] * 2)
+    with pytest.raises(TypeError, match="input 1 to be a Tensor"):
+        fuse([torch.randn(2), 1.0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_inputs": 0}, ValueError, "num_inputs"),
+        ({"num_inputs": 2.0}, TypeError, "num_inputs"),
+        ({"num_inputs": 2, "eps": 0.0}, ValueError, "eps"),
+        ({"num_inputs": 2, "eps": float("nan")}, ValueError, "eps"),
+        ({"num_inputs": 2, "eps": "1e-4"}, TypeError, "eps"),
+        ({"num_inputs": 2, "mode": "mean"}, ValueError, "mode"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        WeightedFusion(**kwargs)
+
+
+def test_repr():
+    assert repr(WeightedFusion(2, mode="softmax")) == (
+        "WeightedFusion(num_inputs=2, eps=0.0001, mode='softmax')"
+    )
