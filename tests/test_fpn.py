@@ -96,3 +96,26 @@ def test_bad_inputs_are_clear():
         neck(feats[0])
     with pytest.raises(ValueError, match="one batch size"):
         neck([feats[0], torch.randn(2, 8, 4, 4), feats[2]])
+
+
+@pytest.mark.parametrize("neck_cls", ["fpn", "bifpn"])
+def test_mapping_in_channels_fix_the_keys(neck_cls):
+    from dilconv import BiFPN
+
+    spec = {"c3": 4, "c4": 8, "c5": 16}
+    neck = (FPNNeck(spec, 8, extra_level=True) if neck_cls == "fpn"
+            else BiFPN(spec, 8, num_layers=1, extra_level=True)).eval()
+    feats = dict(zip(spec, pyramid(12, 10, list(spec.values()))))
+    assert list(neck(feats)) == ["c3", "c4", "c5", "pool"]
+    assert len(neck(list(feats.values()))) == 4
+    with pytest.raises(ValueError, match=r"expected feature keys \['c3', 'c4', 'c5'\]"):
+        neck({"p3": feats["c3"], "c4": feats["c4"], "c5": feats["c5"]})
+    with pytest.raises(ValueError, match="level c4 expected 8 input channels, got 3"):
+        neck({**feats, "c4": torch.randn(1, 3, 6, 5)})
+    with pytest.raises(ValueError, match="adds the key 'pool'"):
+        FPNNeck([4, 8], extra_level=True)({"a": feats["c3"], "pool": feats["c4"]})
+
+
+def test_in_channels_must_be_a_sequence_or_mapping():
+    with pytest.raises(TypeError, match="in_channels"):
+        FPNNeck(256)

@@ -18,6 +18,8 @@ __all__ = [
     "check_feature_map",
     "check_levels",
     "check_positive",
+    "pyramid_channels",
+    "pyramid_output_keys",
     "check_same_shape",
     "pair",
     "reduced_channels",
@@ -142,3 +144,46 @@ def check_levels(
     if len(batch) != 1:
         raise ValueError(f"{name} expected one batch size across levels, got {sorted(batch)}")
     return got_keys, maps
+
+
+EXTRA_LEVEL_KEY = "pool"
+
+
+def pyramid_channels(
+    in_channels: Sequence[int] | Mapping[str, int], *, min_levels: int = 1
+) -> tuple[list[str] | None, list[int]]:
+    """Validate a neck's ``in_channels``: a sequence of ints, or a mapping name -> int.
+
+    A mapping (for instance ``{"layer1": 256, ...}``, or timm's ``feature_info`` turned into a
+    dict) fixes the feature names the neck accepts. Returns ``(keys or None, channels)``.
+    """
+    if isinstance(in_channels, Mapping):
+        keys: list[str] | None = [str(k) for k in in_channels]
+        channels = list(in_channels.values())
+    elif isinstance(in_channels, (int, str)) or not isinstance(in_channels, Sequence):
+        raise TypeError(
+            "in_channels must be a sequence of ints (one per level, fine to coarse) or a "
+            f"mapping name -> int, got {type(in_channels).__name__}"
+        )
+    else:
+        keys, channels = None, list(in_channels)
+    if len(channels) < min_levels:
+        levels = "level" if min_levels == 1 else "levels"
+        raise ValueError(f"in_channels must list at least {min_levels} {levels}, got {channels}")
+    for c in channels:
+        check_positive("in_channels", c)
+    return keys, channels
+
+
+def pyramid_output_keys(
+    keys: list[str] | None, extra_level: bool, *, name: str
+) -> list[str] | None:
+    """The keys a neck returns for input ``keys``: the same, plus ``"pool"`` for an extra level."""
+    if keys is None or not extra_level:
+        return keys
+    if EXTRA_LEVEL_KEY in keys:
+        raise ValueError(
+            f"{name} with extra_level=True adds the key {EXTRA_LEVEL_KEY!r}, which the input "
+            f"already has (keys {keys})"
+        )
+    return [*keys, EXTRA_LEVEL_KEY]

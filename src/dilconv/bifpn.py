@@ -14,7 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilconv._checks import check_choice, check_levels, check_positive
+from dilconv._checks import (
+    check_choice,
+    check_levels,
+    check_positive,
+    pyramid_channels,
+    pyramid_output_keys,
+)
 from dilconv.fusion import FUSION_MODES, WeightedFusion
 
 __all__ = ["BiFPN", "BiFPNLayer"]
@@ -177,7 +183,8 @@ class BiFPN(nn.Module):
     - ``layers.{k}`` for k = 0 .. num_layers-1: a :class:`BiFPNLayer` (see its keys).
 
     Args:
-        in_channels: channels of each input level, fine to coarse; at least 2 levels.
+        in_channels: channels of each input level, fine to coarse; at least 2 levels. A
+            mapping name -> channels also fixes the names the input mapping must have.
         channels: C, channels of every output level.
         num_layers: number of stacked :class:`BiFPNLayer`.
         extra_level: append one coarser, max-pooled level to the output.
@@ -204,7 +211,7 @@ class BiFPN(nn.Module):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: Sequence[int] | Mapping[str, int],
         channels: int,
         num_layers: int = 3,
         *,
@@ -217,21 +224,10 @@ class BiFPN(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(in_channels, (int, str)) or not isinstance(in_channels, Sequence):
-            raise TypeError(
-                "in_channels must be a sequence of ints (one per level), "
-                f"got {type(in_channels).__name__}"
-            )
-        if len(in_channels) < 2:
-            raise ValueError(
-                f"BiFPN needs at least 2 levels, got in_channels={list(in_channels)}"
-            )
-        for c in in_channels:
-            check_positive("in_channels", c)
+        self.in_keys, self.in_channels = pyramid_channels(in_channels, min_levels=2)
         check_positive("channels", channels)
         check_positive("num_layers", num_layers)
         dd = {"device": device, "dtype": dtype}
-        self.in_channels = list(in_channels)
         self.out_channels = channels
         self.num_layers = num_layers
         self.extra_level = extra_level
@@ -250,18 +246,14 @@ class BiFPN(nn.Module):
         )
 
     def forward(self, features: Features) -> list[Tensor] | dict[str, Tensor]:
-        keys, x = check_levels(features, self.in_channels, name=type(self).__name__)
-        if keys is not None and self.extra_level and "pool" in keys:
-            raise ValueError(
-                f"BiFPN with extra_level=True adds the key 'pool', which the input already "
-                f"has (keys {keys})"
-            )
+        name = type(self).__name__
+        keys, x = check_levels(features, self.in_channels, name=name, keys=self.in_keys)
+        keys = pyramid_output_keys(keys, self.extra_level, name=name)
         out = [project(level) for project, level in zip(self.projections, x, strict=True)]
         for layer in self.layers:
             out = layer(out)
         if self.extra_level:
             out.append(F.max_pool2d(out[-1], kernel_size=1, stride=2))
-            keys = None if keys is None else [*keys, "pool"]
         return out if keys is None else dict(zip(keys, out, strict=True))
 
     def extra_repr(self) -> str:

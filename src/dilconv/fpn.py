@@ -7,7 +7,13 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilconv._checks import check_choice, check_levels, check_positive
+from dilconv._checks import (
+    check_choice,
+    check_levels,
+    check_positive,
+    pyramid_channels,
+    pyramid_output_keys,
+)
 from dilconv.upsample import TransposedConvUpsampler
 
 __all__ = ["FPNNeck", "resize_to", "UPSAMPLE_MODES"]
@@ -38,7 +44,8 @@ class FPNNeck(nn.Module):
     :class:`TransposedConvUpsampler` taking level ``i + 1`` to level ``i``.
 
     Args:
-        in_channels: channels of each input level, fine to coarse.
+        in_channels: channels of each input level, fine to coarse; or a mapping name ->
+            channels, which also fixes the names (and order) of the maps ``forward`` accepts.
         out_channels: channels of every output level.
         upsample: ``"nearest"``, ``"bilinear"`` (align_corners=False) or ``"transposed"``.
         smooth_top: smooth the coarsest level too.
@@ -61,7 +68,7 @@ class FPNNeck(nn.Module):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
+        in_channels: Sequence[int] | Mapping[str, int],
         out_channels: int = 256,
         upsample: str = "nearest",
         smooth_top: bool = True,
@@ -71,11 +78,7 @@ class FPNNeck(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        in_channels = list(in_channels)
-        if not in_channels:
-            raise ValueError("in_channels must name at least one level, got []")
-        for c in in_channels:
-            check_positive("in_channels", c)
+        self.in_keys, in_channels = pyramid_channels(in_channels)
         check_positive("out_channels", out_channels)
         check_choice("upsample", upsample, UPSAMPLE_MODES)
         dd = {"device": device, "dtype": dtype}
@@ -108,7 +111,9 @@ class FPNNeck(nn.Module):
         return resize_to(x, like, self.upsample_mode)
 
     def forward(self, features: Features) -> Features:
-        keys, maps = check_levels(features, self.in_channels, name=type(self).__name__)
+        name = type(self).__name__
+        keys, maps = check_levels(features, self.in_channels, name=name, keys=self.in_keys)
+        keys = pyramid_output_keys(keys, self.extra_level, name=name)
         top = self.lateral[-1](maps[-1])
         merged = [top]
         for level in range(len(maps) - 2, -1, -1):
@@ -120,10 +125,7 @@ class FPNNeck(nn.Module):
         ]
         if self.extra_level:
             outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
-        if keys is None:
-            return outputs
-        names = keys + (["pool"] if self.extra_level else [])
-        return dict(zip(names, outputs))
+        return outputs if keys is None else dict(zip(keys, outputs))
 
     def extra_repr(self) -> str:
         return (
