@@ -51,6 +51,51 @@ def table1(image_size: int = 256) -> bool:
     return all_ok
 
 
+def _blocks() -> list[tuple[str, torch.nn.Module, tuple[int, ...]]]:
+    """One typical configuration of every dilconv block, with the input it is shown on."""
+    import dilconv as dc
+
+    pyramid = (64, 128, 256)
+    return [
+        ("DilatedBottleneck(256, 64, dilation=2)", dc.DilatedBottleneck(256, 64, dilation=2),
+         (256, 32, 32)),
+        ("DilatedBasicBlock(64, 64, dilation=2)", dc.DilatedBasicBlock(64, 64, dilation=2),
+         (64, 32, 32)),
+        ("DilatedResNet(output_stride=8)", dc.DilatedResNet(output_stride=8), (3, 128, 128)),
+        ("TransposedConvUpsampler(256, 256)", dc.TransposedConvUpsampler(256, 256), (256, 16, 16)),
+        ("FPNNeck([64, 128, 256], 128)", dc.FPNNeck(pyramid, 128), pyramid),
+        ("WeightedFusion(3)", dc.WeightedFusion(3), ()),
+        ("BiFPN([64, 128, 256], 64, num_layers=3)", dc.BiFPN(pyramid, 64, 3), pyramid),
+        ("CBAM(256)", dc.CBAM(256), (256, 32, 32)),
+        ("LearnableResizer()", dc.LearnableResizer(), (3, 32, 32)),
+        ("LearnableResizer(attention='cbam')", dc.LearnableResizer(attention="cbam"),
+         (3, 32, 32)),
+        ("ContextModule(21)", dc.ContextModule(21), (21, 64, 64)),
+        ("ContextModule(21, 'large')", dc.ContextModule(21, "large"), (21, 64, 64)),
+    ]
+
+
+def blocks_table() -> None:
+    """Print every block with its parameter count and the shape it maps one input to."""
+    print(f"{'block':<42}{'params':>12}  input -> output")
+    for title, block, shape in _blocks():
+        params = sum(p.numel() for p in block.parameters())
+        if not shape:
+            print(f"{title:<42}{params:>12,}  (fuses same-shape maps)")
+            continue
+        if title.startswith(("FPNNeck", "BiFPN")):
+            x = [torch.randn(1, c, 32 // 2**i, 32 // 2**i) for i, c in enumerate(shape)]
+            shapes_in = " ".join("x".join(map(str, f.shape[1:])) for f in x)
+        else:
+            x = torch.randn(1, *shape)
+            shapes_in = "x".join(map(str, shape))
+        with torch.no_grad():
+            y = block.eval()(x)
+        ys = y if isinstance(y, list) else [y]
+        shapes_out = " ".join("x".join(map(str, t.shape[1:])) for t in ys)
+        print(f"{title:<42}{params:>12,}  {shapes_in} -> {shapes_out}")
+
+
 def _timed(title: str, part: Callable[[], object]) -> object:
     start = time.perf_counter()
     print(f"\n== {title} ==")
@@ -67,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     ok = _timed("Table 1: parameter counts", table1)
+    _timed("The blocks", blocks_table)
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; outputs in {args.out}")
     return 0 if ok else 1
 
