@@ -96,6 +96,13 @@ def blocks_table() -> None:
         print(f"{title:<42}{params:>12,}  {shapes_in} -> {shapes_out}")
 
 
+def _receptive_fields(out: Path) -> None:
+    from examples import receptive_fields
+
+    receptive_fields.print_table(receptive_fields.receptive_field_table())
+    print(f"heat maps: {receptive_fields.draw(out)}")
+
+
 def _timed(title: str, part: Callable[[], object]) -> object:
     start = time.perf_counter()
     print(f"\n== {title} ==")
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     ok = _timed("Table 1: parameter counts", table1)
+    _timed("Receptive fields: paper vs measured", lambda: _receptive_fields(args.out))
     _timed("The blocks", blocks_table)
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; outputs in {args.out}")
     return 0 if ok else 1

@@ -9,8 +9,15 @@ from dilconv.bottleneck import DilatedBasicBlock, DilatedBottleneck
 
 # [attention-resizer imports]
 from dilconv.context import ContextModule, identity_init_
+from dilconv.effective_field import (
+    effective_receptive_field,
+    empirical_receptive_field,
+    gradient_map,
+    gridding_holes,
+)
 from dilconv.fpn import FPNNeck
 from dilconv.fusion import WeightedFusion
+from dilconv.receptive_field import ReceptiveField, layer_receptive_fields, receptive_field
 from dilconv.resizer import LearnableResizer
 from dilconv.resnet import DilatedResNet
 from dilconv.upsample import TransposedConvUpsampler
@@ -38,5 +45,12 @@ __all__ = [
     "ContextModule",
     "identity_init_",
     # [context names]
+    "ReceptiveField",
+    "effective_receptive_field",
+    "empirical_receptive_field",
+    "gradient_map",
+    "gridding_holes",
+    "layer_receptive_fields",
+    "receptive_field",
     # [receptive-field names]
 ]

@@ -1,0 +1,355 @@
+"""Measured receptive fields: gradient boxes, gridding holes (Wang et al., WACV 2018) and the
+effective receptive field (Luo et al., NeurIPS 2016, section 2).
+
+Everything here differentiates one output pixel with respect to the input. For the field's
+extent (:func:`empirical_receptive_field`, :func:`gridding_holes`) a copy of the module gets
+weights that make every path count: parameters ``|w| + 0.01`` (and each weight tensor
+normalised to unit sum per output unit, so activations neither overflow nor vanish), norm
+layers in eval mode with running mean 0 and variance 1, max pooling replaced by sum pooling
+over the same window, inputs drawn from ``U(0.5, 1.5)``, float32 arithmetic (float64
+where the smallest gradient nears float32's range). Then every
+activation is positive, no ReLU is closed and nothing cancels: an input pixel has a non-zero
+gradient exactly when some path reaches it. The effective receptive field instead uses the
+module's real weights. The module passed in is never modified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from copy import deepcopy
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from dilconv._checks import check_choice, check_positive
+from dilconv._field_trace import _two
+from dilconv.receptive_field import OutputIndex, ReceptiveField, _number, _select_output
+
+__all__ = [
+    "effective_receptive_field",
+    "empirical_receptive_field",
+    "gradient_map",
+    "gridding_holes",
+]
+
+_MAX_POOLS = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
+_ADAPTIVE_MAX_POOLS = {F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices}
+
+
+def _sum_pool(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+              return_indices=False):
+    """Max pooling's window and output size, with every element of the window summed."""
+    pooled, indices = F.max_pool2d_with_indices(
+        x.detach(), kernel_size, stride, padding, dilation, ceil_mode=ceil_mode
+    )
+    k, p, d = _two(kernel_size, 1), _two(padding, 0), _two(dilation, 1)
+    s = k if stride is None or stride == [] else _two(stride, 1)
+    out = pooled.shape[-2:]
+    extra = [max(0, (n - 1) * s[i] + d[i] * (k[i] - 1) + 1 - (x.shape[i - 2] + 2 * p[i]))
+             for i, n in enumerate(out)]
+    padded = F.pad(x, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]))
+    ones = x.new_ones(x.shape[-3], 1, *k)
+    summed = F.conv2d(padded, ones, stride=s, dilation=d, groups=x.shape[-3])
+    summed = summed[..., : out[0], : out[1]]
+    return (summed, indices) if return_indices else summed
+
+
+class _SumPooling(TorchFunctionMode):
+    """Max pooling passes a gradient to one element per window; sum pooling to all of them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.max_pool2d_with_indices:
+            return _sum_pool(*args, **{**kwargs, "return_indices": True})
+        if func in _MAX_POOLS:
+            return _sum_pool(*args, **kwargs)
+        if func in _ADAPTIVE_MAX_POOLS:
+            size = args[1] if len(args) > 1 else kwargs["output_size"]
+            pooled = F.adaptive_avg_pool2d(args[0], size)
+            if func is F.adaptive_max_pool2d_with_indices or kwargs.get("return_indices"):
+                return pooled, func(*args, **kwargs)[1]
+            return pooled
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def _all_paths(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(getattr(m, "running_mean", None), Tensor):
+            m.running_mean.zero_()
+        if isinstance(getattr(m, "running_var", None), Tensor):
+            m.running_var.fill_(1)
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.abs_().add_(0.01)
+            if p.dim() >= 2:
+                p.div_(p.sum(tuple(range(1, p.dim())), keepdim=True))
+    return module
+
+
+def _input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) not in (3, 4):
+        raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W), got {shape}")
+    for n in shape:
+        check_positive("input_shape", n)
+    return shape[-3], shape[-2], shape[-1]
+
+
+def _gradients(module: nn.Module, input_shape: Sequence[int], output_index: OutputIndex,
+               position: Sequence[int] | None, *, probes: int, weights: str, samples: int = 1,
+               seed: int = 0) -> tuple[Tensor, list[tuple[int, int]], tuple[int, int]]:
+    """|d out[b, :, y, x].sum() / d input| summed over channels, one map per probe.
+
+    Probe ``i`` is the output pixel ``position + (i, i)`` (stepping back where the output
+    ends), so that two probes show how the field moves. Returns the maps (probes, H, W) averaged
+    over ``samples`` inputs, the probed positions and the output's spatial size.
+    """
+    shape = _input_shape(input_shape)
+    copy = deepcopy(module).eval().requires_grad_(False)
+    if weights == "real":
+        return _backward(copy, shape, output_index, position, probes, samples, seed, None)
+    _all_paths(copy)
+    maps, positions, size = _backward(copy.float(), shape, output_index, position, probes,
+                                      samples, seed, _SumPooling())
+    # The gradient at the field's corners is a product of one small weight per layer; in a
+    # deep network it can near float32's smallest normal number, so measure again in float64.
+    if (maps > 0).any() and maps[maps > 0].min() < 1e-30:
+        return _backward(copy.double(), shape, output_index, position, probes, samples, seed,
+                         _SumPooling())
+    return maps, positions, size
+
+
+def _backward(copy: nn.Module, shape: tuple[int, int, int], output_index: OutputIndex,
+              position: Sequence[int] | None, probes: int, samples: int, seed: int,
+              mode: TorchFunctionMode | None):
+    like = next((t for t in copy.parameters() if t.is_floating_point()), None)
+    device, dtype = (like.device, like.dtype) if like is not None else ("cpu", torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    batch = probes * samples
+    if mode is None:
+        x = torch.randn(batch, *shape, generator=generator)
+    else:
+        x = torch.rand(batch, *shape, generator=generator) + 0.5
+    x = x.to(device=device, dtype=dtype).requires_grad_(True)
+    with torch.enable_grad(), mode or nullcontext():
+        out = _select_output(copy(x), output_index)
+    size = tuple(out.shape[-2:]) if out.dim() >= 3 else (1, 1)
+    base = _position(position, size)
+    positions = [
+        tuple(q + i if q + i < n else max(q - i, 0) for q, n in zip(base, size))
+        for i in range(probes)
+    ]
+    picked = [
+        out[b].sum() if out.dim() < 3 else out[b, ..., y, x_].sum()
+        for b, (y, x_) in enumerate(p for p in positions for _ in range(samples))
+    ]
+    (grad,) = torch.autograd.grad(torch.stack(picked).sum(), x)
+    maps = grad.abs().sum(1).reshape(probes, samples, *shape[1:]).mean(1)
+    return maps.cpu(), positions, size
+
+
+def _position(position: Sequence[int] | None, size: tuple[int, int]) -> tuple[int, int]:
+    if position is None:
+        return (size[0] - 1) // 2, (size[1] - 1) // 2
+    q = tuple(position)
+    if len(q) != 2 or not all(0 <= p < n for p, n in zip(q, size)):
+        raise ValueError(f"position must be (y, x) inside the output of size {size}, got {q}")
+    return q[0], q[1]
+
+
+def _box(mask: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Inclusive (first, last) rows and columns of the True entries of a 2-d mask."""
+    if not mask.any():
+        raise ValueError("the output pixel does not depend on the input (zero gradient)")
+    rows = mask.any(1).nonzero().flatten()
+    cols = mask.any(0).nonzero().flatten()
+    return (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
+
+
+def gradient_map(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    output_index: OutputIndex = None,
+    *,
+    position: Sequence[int] | None = None,
+    weights: str = "positive",
+    samples: int = 1,
+    seed: int = 0,
+) -> Tensor:
+    """``|d y / d x|`` over the input for one output pixel ``y``, summed over channels.
+
+    Args:
+        module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
+        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
+        output_index: which output, when the module returns several.
+        position: ``(y, x)`` output pixel; default the centre of the output.
+        weights: ``"positive"`` (every path counts, see the module docstring) or ``"real"``
+            (the module's own weights, standard normal inputs).
+        samples: inputs averaged over.
+        seed: seed of the random inputs.
+
+    Shape:
+        output (H, W), float.
+
+    Example:
+        >>> from torch import nn
+        >>> from dilconv import gradient_map
+        >>> conv = nn.Conv2d(1, 1, 3, padding=2, dilation=2)
+        >>> (gradient_map(conv, (1, 7, 7)) > 0).int()[1:6, 1:6]
+        tensor([[1, 0, 1, 0, 1],
+                [0, 0, 0, 0, 0],
+                [1, 0, 1, 0, 1],
+                [0, 0, 0, 0, 0],
+                [1, 0, 1, 0, 1]], dtype=torch.int32)
+    """
+    check_choice("weights", weights, ("positive", "real"))
+    check_positive("samples", samples)
+    maps, _, _ = _gradients(module, input_shape, output_index, position, probes=1,
+                            weights=weights, samples=samples, seed=seed)
+    return maps[0]
+
+
+def empirical_receptive_field(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    output_index: OutputIndex = None,
+    *,
+    position: Sequence[int] | None = None,
+    jump: float | Sequence[float] | None = None,
+) -> ReceptiveField:
+    """Receptive field measured as the box of input pixels with a non-zero gradient.
+
+    ``size`` and the field's centre come from the gradient of output pixel ``position`` (all
+    paths made positive, see the module docstring); ``start`` is that centre minus
+    ``position * jump``, as :func:`~dilconv.receptive_field` reports it. ``jump`` is measured
+    as the distance the box's centre moves when the output pixel moves by one (with one output
+    pixel along an axis: input size / output size). That is the jump wherever every output
+    pixel sees the same pattern; after fractional up-sampling the field depends on the pixel's
+    phase, and the analytic jump should be passed in instead. A box that touches the border
+    of the input may be clipped: a warning says so (the analytic field assumes no border).
+
+    Args:
+        module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
+        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
+        output_index: which output, when the module returns several.
+        position: ``(y, x)`` output pixel; default the centre of the output.
+        jump: ``(h, w)`` (or one number) to use instead of measuring it.
+
+    Example:
+        >>> from torch import nn
+        >>> from dilconv import empirical_receptive_field
+        >>> stack = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=d, dilation=d) for d in (1, 2, 4)))
+        >>> empirical_receptive_field(stack, (1, 32, 32))
+        ReceptiveField(size=(15, 15), jump=(1, 1), start=(0, 0))
+    """
+    channels, height, width = _input_shape(input_shape)
+    maps, positions, size = _gradients(module, input_shape, output_index, position,
+                                       probes=1 if jump is not None else 2, weights="positive")
+    boxes = [_box(m > 0) for m in maps]
+    sizes, jumps, starts = [], [], []
+    for axis, n_in in enumerate((height, width)):
+        lo, hi = boxes[0][axis]
+        q = positions[0][axis]
+        if jump is not None:
+            step = Fraction(jump if isinstance(jump, int | float) else jump[axis])
+        elif positions[1][axis] != q:
+            moved = Fraction(sum(boxes[1][axis]) - lo - hi, 2)
+            step = moved / (positions[1][axis] - q)
+        else:
+            step = Fraction(n_in, size[axis])
+        if lo == 0 or hi == n_in - 1:
+            warnings.warn(
+                f"the measured field ({lo}..{hi} on axis {axis}) touches the border of the "
+                f"{height}x{width} input and may be clipped; use a larger input", stacklevel=2,
+            )
+        sizes.append(hi - lo + 1)
+        jumps.append(_number(step))
+        starts.append(_number(Fraction(lo + hi, 2) - q * step))
+    return ReceptiveField(tuple(sizes), tuple(jumps), tuple(starts))
+
+
+def gridding_holes(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    output_index: OutputIndex = None,
+    *,
+    position: Sequence[int] | None = None,
+) -> Tensor:
+    """Input pixels inside the field's box that no path from the output pixel reaches.
+
+    Stacked dilations that share a common factor leave such holes (the "gridding" of Yu et
+    al., DRN, CVPR 2017 and Wang et al., WACV 2018): 3x3 convolutions dilated (2, 2, 2) reach
+    only every other pixel, while (1, 2, 5) or (1, 2, 4) reach them all.
+
+    Returns:
+        bool tensor (H, W), True at the holes; ``.nonzero()`` lists them as (y, x).
+
+    Example:
+        >>> from torch import nn
+        >>> from dilconv import gridding_holes
+        >>> stack = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=d, dilation=d) for d in (1, 2, 5)))
+        >>> bool(gridding_holes(stack, (1, 33, 33)).any())
+        False
+        >>> stack = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=2, dilation=2) for _ in range(3)))
+        >>> int(gridding_holes(stack, (1, 33, 33)).sum())
+        120
+    """
+    maps, _, _ = _gradients(module, input_shape, output_index, position, probes=1,
+                            weights="positive")
+    reached = maps[0] > 0
+    (top, bottom), (left, right) = _box(reached)
+    inside = torch.zeros_like(reached)
+    inside[top : bottom + 1, left : right + 1] = True
+    return inside & ~reached
+
+
+def effective_receptive_field(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    share: float = 0.95,
+    output_index: OutputIndex = None,
+    *,
+    position: Sequence[int] | None = None,
+    samples: int = 8,
+    seed: int = 0,
+) -> float:
+    """Radius around the field's centre that holds ``share`` of the gradient mass.
+
+    Luo et al. (2016) show that the gradient of an output pixel with respect to the input,
+    with real weights, is roughly Gaussian and occupies a small part of the theoretical field.
+    Here the mass is ``|d y / d x|`` summed over channels and averaged over ``samples``
+    standard-normal inputs, with the module (a copy) in eval mode; the centre is the centre of
+    the box where that mass is non-zero, and the radius is the smallest Euclidean distance
+    ``r`` such that the pixels within ``r`` hold ``share`` of the total mass.
+
+    Example:
+        >>> from torch import nn
+        >>> from dilconv import effective_receptive_field
+        >>> effective_receptive_field(nn.Conv2d(3, 8, 1), (3, 9, 9))
+        0.0
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    check_positive("samples", samples)
+    maps, _, _ = _gradients(module, input_shape, output_index, position, probes=1,
+                            weights="real", samples=samples, seed=seed)
+    mass = maps[0].double()
+    if not mass.any():
+        raise ValueError(
+            "no gradient reaches the input from the output pixel with these weights and "
+            f"{samples} samples (closed activations?); try more samples"
+        )
+    (top, bottom), (left, right) = _box(mass > 0)
+    rows = torch.arange(mass.shape[0], dtype=torch.float64) - (top + bottom) / 2
+    cols = torch.arange(mass.shape[1], dtype=torch.float64) - (left + right) / 2
+    distance = (rows[:, None] ** 2 + cols[None, :] ** 2).sqrt().flatten()
+    order = distance.argsort()
+    held = mass.flatten()[order].cumsum(0)
+    k = int(torch.searchsorted(held, share * held[-1]))
+    return float(distance[order][min(k, distance.numel() - 1)])
