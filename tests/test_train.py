@@ -1,0 +1,218 @@
+"""The training harness end to end: learning, kill-and-resume, torchrun, refused checkpoints.
+
+Runs use scikit-learn's bundled digits at 16x16 and the cheapest study network (ResNet50 with
+halved widths). Subprocess runs get one OpenMP thread each, so two of them share two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from examples.dfpn_classifier import train
+from examples.dfpn_classifier.models import MODELS
+from examples.harness import TrainConfig, fit
+from examples.harness.checkpoint import FORMAT
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "resnet50"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _flags(out: Path, *extra: str, epochs: int = 1, limit: int = 32, model: str = MODEL
+           ) -> list[str]:
+    return ["--model", model, "--dataset", "digits", "--image-size", "16", "--batch-size", "16",
+            "--limit", str(limit), "--epochs", str(epochs), "--out", str(out), "--quiet", *extra]
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _script(*args: str) -> list[str]:
+    return [sys.executable, "-m", "examples.dfpn_classifier.train", *args]
+
+
+def _history(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A one-epoch run's output folder (checkpoint.pt, metrics.json, curves.png)."""
+    out = tmp_path_factory.mktemp("finished")
+    torch.set_num_threads(1)
+    assert train.main(_flags(out)) == 0
+    return out
+
+
+def test_outputs_of_a_run(finished_run):
+    assert sorted(p.name for p in finished_run.iterdir()) == [
+        "checkpoint.pt", "curves.png", "metrics.json"]
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1]
+    assert metrics["final"]["test_acc"] == metrics["history"][-1]["test_acc"]
+    assert metrics["history"][0]["test_images"] == metrics["test_samples"]
+    assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    assert (state["format"], state["model"], state["epoch"]) == (FORMAT, MODEL, 1)
+    assert state["num_classes"] == metrics["num_classes"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_checkpoint_is_refused_and_kept(finished_run, tmp_path, capsys, damage):
+    good = (finished_run / "checkpoint.pt").read_bytes()
+    bad = {"garbage": b"not a checkpoint", "truncated": good[: len(good) // 2], "empty": b""}
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(bad[damage])
+    assert train.main(_flags(tmp_path, "--resume", epochs=2)) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+    assert path.read_bytes() == bad[damage]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def _foreign(finished_run: Path, tmp_path: Path, **changes: object) -> Path:
+    state = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    torch.save({**state, **changes}, tmp_path / "checkpoint.pt")
+    return tmp_path / "checkpoint.pt"
+
+
+def test_foreign_checkpoint_is_refused(finished_run, tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    other = next(name for name in MODELS if name != MODEL)
+    assert train.main(_flags(tmp_path, "--resume", epochs=2, model=other)) == 2
+    assert "another run" in capsys.readouterr().err
+    assert path.read_bytes() == (finished_run / "checkpoint.pt").read_bytes()
+
+
+def test_checkpoint_with_other_class_count_is_refused(finished_run, tmp_path, capsys):
+    classes = json.loads((finished_run / "metrics.json").read_text())["num_classes"]
+    before = _foreign(finished_run, tmp_path, num_classes=classes + 1).read_bytes()
+    assert train.main(_flags(tmp_path, "--resume", epochs=2)) == 2
+    assert f"{classes + 1} classes" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_foreign_file_is_refused(tmp_path, capsys):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert train.main(_flags(tmp_path, "--resume")) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume(finished_run, tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes((finished_run / "checkpoint.pt").read_bytes())
+    assert train.main(_flags(tmp_path)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert path.read_bytes() == (finished_run / "checkpoint.pt").read_bytes()
+
+
+def test_resume_of_a_finished_run_trains_nothing(finished_run, tmp_path):
+    for name in ("checkpoint.pt", "metrics.json"):
+        (tmp_path / name).write_bytes((finished_run / name).read_bytes())
+    assert train.main(_flags(tmp_path, "--resume")) == 0
+    assert _history(tmp_path) == _history(finished_run)
+
+
+def test_amp_and_channels_last(tmp_path):
+    config = TrainConfig(model=MODEL, out=tmp_path, dataset="digits", image_size=16, limit=32,
+                         batch_size=16, epochs=1, amp=True, channels_last=True, quiet=True,
+                         checkpoint=False)
+    final = fit(config, MODELS[MODEL])["final"]
+    assert torch.isfinite(torch.tensor([final["train_loss"], final["test_loss"]])).all()
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_training_on_digits_learns(tmp_path):
+    config = TrainConfig(model=MODEL, out=tmp_path, dataset="digits", image_size=16, epochs=2,
+                         quiet=True, checkpoint=False)
+    metrics = fit(config, MODELS[MODEL])
+    chance = 1 / metrics["num_classes"]
+    assert metrics["final"]["test_acc"] > 3 * chance
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_loses_and_repeats_no_epoch(tmp_path):
+    epochs, limit = 4, 192
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    reference = subprocess.Popen(_script(*_flags(straight, epochs=epochs, limit=limit)),
+                                 cwd=REPO, env=_env())
+    victim = subprocess.Popen(_script(*_flags(killed, epochs=epochs, limit=limit)), cwd=REPO,
+                              env=_env(), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoint.pt").exists():
+        assert victim.poll() is None, victim.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    victim.stderr.close()
+    done = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= done < epochs, "the run must die before its last epoch"
+    subprocess.run(_script(*_flags(killed, "--resume", epochs=epochs, limit=limit)), cwd=REPO,
+                   env=_env(), check=True, timeout=300)
+    assert reference.wait(timeout=300) == 0
+    resumed = _history(killed)
+    assert [h["epoch"] for h in resumed] == list(range(1, epochs + 1))
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == epochs
+    for key in ("train_loss", "test_loss", "test_acc"):
+        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in _history(straight)],
+                                                          rel=1e-4), key
+    assert sorted(p.name for p in killed.iterdir() if not p.name.endswith(".tmp")) == [
+        "checkpoint.pt", "curves.png", "metrics.json"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    limit = 64
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "examples.dfpn_classifier.train",
+               *_flags(tmp_path, "--device", "cpu", epochs=2, limit=limit)]
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.pt", "curves.png", "metrics.json"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # every image is counted once over the two ranks: the sums were reduced
+    assert {h["test_images"] for h in history} == {metrics["test_samples"]}
+    assert {h["train_images"] for h in history} == {metrics["train_samples"]}
+
+
+def test_table2_rows_and_printout(tmp_path, capsys):
+    from examples.dfpn_classifier.table2 import PAPER_TABLE2, print_table2, run_table2
+
+    rows = run_table2(tmp_path, epochs=1, image_size=16, limit=32, models=[MODEL])
+    assert [row["model"] for row in rows] == [MODEL]
+    assert (tmp_path / MODEL / "curves.png").exists()
+    assert not (tmp_path / MODEL / "checkpoint.pt").exists()
+    print_table2(rows + [{**rows[0], "model": name} for name in PAPER_TABLE2 if name != MODEL])
+    text = capsys.readouterr().out
+    for paper in PAPER_TABLE2.values():
+        assert f"{paper['loss']:.3f}" in text and f"{paper['accuracy']:.0f}%" in text
+    assert f"{100 * rows[0]['test_acc']:.1f}%" in text and "100 epochs" in text
