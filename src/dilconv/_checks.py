@@ -28,7 +28,7 @@ __all__ = [
 
 def check_positive(name: str, value: int, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an int >= ``minimum``; raise naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -59,8 +59,12 @@ def check_choice(name: str, value: str, choices: Iterable[str]) -> str:
 
 
 def pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
-    """Turn an int or a pair of positive ints into a ``(h, w)`` tuple."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    """Turn an int or a pair of positive ints into a ``(h, w)`` tuple.
+
+    Symbolic sizes (``torch.SymInt``, what ``x.shape`` holds under ``torch.compile(dynamic=True)``
+    and ``torch.export``) count as ints, so a size taken from another tensor stays symbolic.
+    """
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
         values: tuple[int, ...] = (value, value)
     else:
         values = tuple(value)
@@ -103,8 +107,10 @@ def check_same_shape(
             raise TypeError(f"{name} expected input {i} to be a Tensor, got {type(x).__name__}")
         if not torch.is_floating_point(x):
             raise TypeError(f"{name} expected floating-point inputs, got {x.dtype} at input {i}")
+    # Compared pairwise, not through a set: symbolic sizes (torch.compile, torch.export) are
+    # not hashable.
     shapes = [tuple(x.shape) for x in tensors]
-    if len(set(shapes)) > 1:
+    if any(shape != shapes[0] for shape in shapes[1:]):
         raise ValueError(f"{name} expected inputs of one shape, got shapes {shapes}")
 
 
@@ -140,9 +146,10 @@ def check_levels(
     for i, (x, c) in enumerate(zip(maps, channels)):
         label = f"{name} level {got_keys[i] if got_keys else i}"
         check_feature_map(x, channels=c, name=label)
-    batch = {int(x.shape[0]) for x in maps}
-    if len(batch) != 1:
-        raise ValueError(f"{name} expected one batch size across levels, got {sorted(batch)}")
+    # int() here would pin a symbolic batch size to its example value under torch.export.
+    if any(x.shape[0] != maps[0].shape[0] for x in maps[1:]):
+        batch = sorted({int(x.shape[0]) for x in maps})
+        raise ValueError(f"{name} expected one batch size across levels, got {batch}")
     return got_keys, maps
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive, pair
@@ -77,7 +78,6 @@ class TransposedConvUpsampler(nn.Module):
             return self.norm(self.conv(x))
         target = pair("output_size", output_size)
         s = self.scale
-        padding = []
         for size_in, size_out in zip(x.shape[-2:], target):
             low, high = s * (size_in - 1) + 1, s * size_in + s - 1
             if not low <= size_out <= high:
@@ -85,14 +85,15 @@ class TransposedConvUpsampler(nn.Module):
                     f"TransposedConvUpsampler(scale={s}) can produce sizes {low}..{high} from "
                     f"an input of size {size_in}, got output_size {tuple(target)}"
                 )
-            padding.append(max(0, size_out - s * size_in))
-        if any(padding):
-            out = nn.functional.conv_transpose2d(
-                x, self.conv.weight, self.conv.bias, stride=s, output_padding=tuple(padding)
-            )
-        else:
-            out = self.conv(x)
-        return self.norm(out[..., : target[0], : target[1]])
+        # With kernel = stride = scale and no padding, output row o sees input row o // scale
+        # only, so the rows past scale * H that output_padding would add hold the bias alone.
+        # Zero-padding by scale - 1 and cropping gives every target the same way, without an
+        # output_padding that depends on the input size (exporters need it static).
+        out = F.conv_transpose2d(x, self.conv.weight, stride=s)
+        out = F.pad(out, (0, s - 1, 0, s - 1))[..., : target[0], : target[1]]
+        if self.conv.bias is not None:
+            out = out + self.conv.bias.view(-1, 1, 1)
+        return self.norm(out)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,237 @@
+"""The cases of the block contract (tests/test_contract.py): one line per block configuration.
+
+A case names a factory for a small instance (called with the factory kwargs ``device``/``dtype``)
+and a factory for its input at a given ``(batch, height, width)``. What kind of input it takes
+(``"map"``: one NCHW tensor; ``"pyramid"``: L maps fine to coarse, as a list or a mapping;
+``"group"``: same-shaped tensors, for fusion) tells the contract which bad inputs to try and
+which message to expect. Adding a block to ``dilconv.__all__`` without a case here fails
+``test_every_public_name_has_a_case``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from examples.dfpn_classifier.models import MODELS
+from torch import Tensor, nn
+
+from dilconv import (
+    CBAM,
+    BiFPN,
+    BiFPNLayer,
+    ChannelAttention,
+    ContextModule,
+    DilatedBasicBlock,
+    DilatedBottleneck,
+    DilatedResNet,
+    FPNNeck,
+    LearnableResizer,
+    SpatialAttention,
+    TransposedConvUpsampler,
+    WeightedFusion,
+)
+
+# Public names that are not nn.Module blocks, and why the block contract does not apply.
+EXEMPT = {
+    "identity_init_": "an in-place initialiser of an nn.Conv2d, tested in tests/test_context.py",
+    "ReceptiveField": "a frozen dataclass (the result of receptive_field), not a module",
+    "receptive_field": "an analysis function over a module, not a block",
+    "layer_receptive_fields": "an analysis function over a module, not a block",
+    "empirical_receptive_field": "an analysis function over a module, not a block",
+    "effective_receptive_field": "an analysis function over a module, not a block",
+    "gradient_map": "an analysis function over a module, not a block",
+    "gridding_holes": "an analysis function over a module, not a block",
+}
+
+ALL_CHECKS = frozenset(
+    {
+        "forward_backward", "gradcheck", "compile", "onnx", "channels_last", "autocast",
+        "state", "determinism", "bad_input", "nan", "meta",
+    }
+)
+# Reference networks (millions of parameters, seconds per check on 2 CPU cores) run as slow
+# cases, and only the checks that say something the blocks they are made of do not: gradcheck,
+# inductor and the ONNX exporter would take minutes; determinism and NaN propagation follow
+# from the blocks'.
+REFERENCE_SKIP = frozenset({"gradcheck", "compile", "onnx", "determinism", "nan"})
+
+Inputs = tuple
+
+
+def one_map(channels: int) -> Callable[[int, int, int], Inputs]:
+    """Input factory of a block taking one (N, channels, H, W) map."""
+    return lambda n, h, w: (torch.randn(n, channels, h, w),)
+
+
+def pyramid(channels: list[int], keys: list[str] | None = None) -> Callable[..., Inputs]:
+    """Input factory of a neck: level i has size ceil(H / 2**i) x ceil(W / 2**i)."""
+
+    def make(n: int, h: int, w: int) -> Inputs:
+        maps = [
+            torch.randn(n, c, math.ceil(h / 2**i), math.ceil(w / 2**i))
+            for i, c in enumerate(channels)
+        ]
+        return (maps if keys is None else dict(zip(keys, maps, strict=True)),)
+
+    return make
+
+
+def group(count: int, channels: int) -> Callable[[int, int, int], Inputs]:
+    """Input factory of a fusion: ``count`` tensors of one shape."""
+    return lambda n, h, w: ([torch.randn(n, channels, h, w) for _ in range(count)],)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One block configuration run through the contract.
+
+    Attributes:
+        name: test id.
+        build: ``build(device=..., dtype=...)`` -> a small module.
+        inputs: ``inputs(n, h, w)`` -> the positional arguments of ``forward``.
+        kind: ``"map"``, ``"pyramid"`` or ``"group"`` (which bad inputs apply, see module doc).
+        size: ``(n, h, w)`` of the eager checks (odd spatial sizes on purpose).
+        tiny: ``(n, h, w)`` of the float64 gradcheck.
+        no_grad: parameter names that legitimately receive no gradient.
+        any_channels: the block accepts any channel count (no wrong-channel check).
+        channels_last_out: 4-D outputs keep a ``channels_last`` input's memory format.
+        skip: checks that do not apply, with the reason in a comment where the case is listed.
+        slow: every check of the case is marked ``slow`` (``make test-quick`` skips it).
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    inputs: Callable[[int, int, int], Inputs]
+    kind: str = "map"
+    size: tuple[int, int, int] = (2, 9, 11)
+    tiny: tuple[int, int, int] = (1, 5, 6)
+    no_grad: frozenset[str] = frozenset()
+    any_channels: bool = False
+    channels_last_out: bool = True
+    skip: frozenset[str] = field(default_factory=frozenset)
+    slow: bool = False
+
+    def runs(self, check: str) -> bool:
+        return check not in self.skip
+
+
+def _fusion_sum(**dd) -> nn.Module:
+    return WeightedFusion(3, mode="sum", **dd)
+
+
+LEVELS = [4, 8, 16]
+KEYS = ["c3", "c4", "c5"]
+# Variants of a block that already runs the expensive checks skip them (2 CPU cores in CI).
+VARIANT = frozenset({"compile", "onnx"})
+# Inductor takes 10-60 s a graph on 2 CPU cores: blocks compiled as part of a larger case
+# (bottleneck in the ResNet, attentions in CBAM, BiFPNLayer in BiFPN) skip their own compile.
+COMPILED_ELSEWHERE = frozenset({"compile"})
+
+BLOCK_CASES = [
+    Case("bottleneck", lambda **dd: DilatedBottleneck(8, 4, stride=2, dilation=2, **dd),
+         one_map(8)),
+    Case("bottleneck_identity", lambda **dd: DilatedBottleneck(16, 4, groups=2, **dd),
+         one_map(16), skip=VARIANT),
+    Case("basic_block", lambda **dd: DilatedBasicBlock(6, 8, stride=2, dilation=3, **dd),
+         one_map(6)),
+    Case("resnet", lambda **dd: DilatedResNet(
+        stem_channels=8, planes=(4, 8), blocks=(1, 1), strides=(1, 2), dilations=(1, 1),
+        output_stride=8, **dd), one_map(3), size=(2, 17, 15), tiny=(1, 7, 6)),
+    Case("resnet_basic", lambda **dd: DilatedResNet(
+        stem_channels=8, planes=(4, 4, 8, 8), blocks=(2, 1, 1, 1), block="basic", **dd),
+        one_map(3), size=(2, 33, 31), tiny=(1, 7, 6), skip=VARIANT),
+    Case("fpn_nearest", lambda **dd: FPNNeck(LEVELS, 8, **dd), pyramid(LEVELS),
+         kind="pyramid"),
+    Case("fpn_bilinear", lambda **dd: FPNNeck(LEVELS, 8, "bilinear", smooth_top=False, **dd),
+         pyramid(LEVELS), kind="pyramid"),
+    Case("fpn_transposed", lambda **dd: FPNNeck(LEVELS, 8, "transposed", **dd),
+         pyramid(LEVELS), kind="pyramid"),
+    Case("fpn_transposed_mapping", lambda **dd: FPNNeck(
+        LEVELS, 8, "transposed", extra_level=True, **dd), pyramid(LEVELS, KEYS),
+        kind="pyramid", skip=COMPILED_ELSEWHERE),
+    Case("upsampler", lambda **dd: TransposedConvUpsampler(4, 6, **dd), one_map(4)),
+    Case("upsampler_scale3_no_norm", lambda **dd: TransposedConvUpsampler(
+        4, 6, scale=3, norm=False, **dd), one_map(4), skip=VARIANT),
+    Case("bifpn", lambda **dd: BiFPN(LEVELS, 8, num_layers=1, **dd), pyramid(LEVELS),
+         kind="pyramid"),
+    Case("bifpn_softmax_mapping", lambda **dd: BiFPN(
+        LEVELS, 8, num_layers=1, fusion="softmax", extra_level=True, **dd),
+        pyramid(LEVELS, KEYS), kind="pyramid", skip=VARIANT),
+    Case("bifpn_layer", lambda **dd: BiFPNLayer(4, num_levels=3, **dd), pyramid([4, 4, 4]),
+         kind="pyramid", skip=COMPILED_ELSEWHERE),
+    # An unweighted sum: the fusion weights are kept for the state_dict layout, never used.
+    Case("bifpn_layer_sum", lambda **dd: BiFPNLayer(4, num_levels=3, fusion="sum", **dd),
+         pyramid([4, 4, 4]), kind="pyramid", skip=VARIANT,
+         no_grad=frozenset(
+             f"{path}.{i}.fusion.weight" for path in ("top_down", "bottom_up") for i in (0, 1))),
+    Case("fusion_fast", lambda **dd: WeightedFusion(3, **dd), group(3, 4), kind="group"),
+    Case("fusion_softmax", lambda **dd: WeightedFusion(2, mode="softmax", **dd), group(2, 4),
+         kind="group", skip=VARIANT),
+    Case("fusion_sum", _fusion_sum, group(3, 4), kind="group", skip=VARIANT,
+         no_grad=frozenset({"weight"})),
+    Case("channel_attention", lambda **dd: ChannelAttention(8, reduction=4, **dd), one_map(8),
+         skip=COMPILED_ELSEWHERE),
+    Case("spatial_attention", lambda **dd: SpatialAttention(3, **dd), one_map(5),
+         any_channels=True, skip=COMPILED_ELSEWHERE),
+    Case("cbam", lambda **dd: CBAM(8, reduction=4, spatial_kernel=3, **dd), one_map(8)),
+    Case("resizer", lambda **dd: LearnableResizer(3, (13, 17), num_filters=4, **dd),
+         one_map(3)),
+    Case("resizer_cbam_area", lambda **dd: LearnableResizer(
+        2, (5, 7), num_filters=4, num_res_blocks=2, interpolation="area", attention="cbam",
+        **dd), one_map(2), skip=VARIANT),
+    Case("context_basic", lambda **dd: ContextModule(4, **dd), one_map(4)),
+    Case("context_large", lambda **dd: ContextModule(2, "large", **dd), one_map(2),
+         tiny=(1, 4, 5), skip=VARIANT),
+]
+
+
+def _reference(name: str) -> Callable[..., nn.Module]:
+    def build(device=None, dtype=None) -> nn.Module:
+        # models.py builds with the default device/dtype; the context manager and .to() give
+        # the factory-kwargs behaviour (meta included) without touching the example code.
+        with torch.device(device or "cpu"):
+            return MODELS[name](num_classes=3).to(dtype=dtype)
+
+    return build
+
+
+def _unused_pyramid_levels(name: str) -> frozenset[str]:
+    # The classifiers pool P2 only: the smoothing convs of P3..P5 are counted in Table 1 but
+    # never reach the logits, so they get no gradient.
+    module = _reference(name)(device="meta")
+    return frozenset(
+        key for key, _ in module.named_parameters()
+        if key.startswith("neck.smooth.") and not key.startswith("neck.smooth.0.")
+    )
+
+
+REFERENCE_CASES = [
+    Case(f"ref_{name}", _reference(name), one_map(3), size=(2, 32, 32), skip=REFERENCE_SKIP,
+         no_grad=_unused_pyramid_levels(name), slow=True)
+    for name in MODELS
+]
+
+CASES = BLOCK_CASES + REFERENCE_CASES
+
+
+def tensors(out: Tensor | list | tuple | dict) -> list[Tensor]:
+    """The tensors of a block's output, in order (a map, a list of maps or a mapping)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in tensors(v)]
+    return [t for v in out for t in tensors(v)]
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], value):
+    """Apply ``fn`` to every tensor of a (nested) tuple / list / dict, keeping the structure."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(fn, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(fn, v) for v in value)
+    return value
