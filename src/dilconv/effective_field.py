@@ -28,7 +28,13 @@ from torch.overrides import TorchFunctionMode
 
 from dilconv._checks import check_choice, check_positive
 from dilconv._field_trace import _two
-from dilconv.receptive_field import OutputIndex, ReceptiveField, _number, _select_output
+from dilconv.receptive_field import (
+    OutputIndex,
+    ReceptiveField,
+    _number,
+    _position,
+    _select_output,
+)
 
 __all__ = [
     "effective_receptive_field",
@@ -152,15 +158,6 @@ def _backward(copy: nn.Module, shape: tuple[int, int, int], output_index: Output
     (grad,) = torch.autograd.grad(torch.stack(picked).sum(), x)
     maps = grad.abs().sum(1).reshape(probes, samples, *shape[1:]).mean(1)
     return maps.cpu(), positions, size
-
-
-def _position(position: Sequence[int] | None, size: tuple[int, int]) -> tuple[int, int]:
-    if position is None:
-        return (size[0] - 1) // 2, (size[1] - 1) // 2
-    q = tuple(position)
-    if len(q) != 2 or not all(0 <= p < n for p, n in zip(q, size)):
-        raise ValueError(f"position must be (y, x) inside the output of size {size}, got {q}")
-    return q[0], q[1]
 
 
 def _box(mask: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:

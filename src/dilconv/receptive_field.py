@@ -187,6 +187,11 @@ def _run(copy: nn.Module, channels: int, size: tuple[int, int], body: Callable):
 
 def _centre(out: Tensor, position: Sequence[int] | None) -> tuple[int, int]:
     sizes = tuple(out.shape[-2:]) if out.dim() >= 3 else (1, 1)
+    return _position(position, sizes)
+
+
+def _position(position: Sequence[int] | None, sizes: tuple[int, int]) -> tuple[int, int]:
+    """``position`` checked against an output of ``sizes``; its centre pixel when None."""
     if position is None:
         return (sizes[0] - 1) // 2, (sizes[1] - 1) // 2
     q = tuple(position)
