@@ -100,7 +100,7 @@ def _table2(args: argparse.Namespace) -> None:
     from examples.dfpn_classifier.table2 import print_table2, run_table2
 
     rows = run_table2(args.out / "table2", epochs=args.epochs, image_size=args.image_size,
-                      limit=args.limit)
+                      limit=args.limit, quiet=False)
     print_table2(rows)
 
 
