@@ -216,3 +216,23 @@ def test_table2_rows_and_printout(tmp_path, capsys):
     for paper in PAPER_TABLE2.values():
         assert f"{paper['loss']:.3f}" in text and f"{paper['accuracy']:.0f}%" in text
     assert f"{100 * rows[0]['test_acc']:.1f}%" in text and "100 epochs" in text
+
+
+@pytest.mark.slow
+def test_compile_flag_compiles_and_checkpoints_plain_weights(tmp_path, monkeypatch):
+    """--compile goes through torch.compile (eager backend here, to spare CI the C++ build)."""
+    calls = []
+    real_compile = torch.compile
+
+    def spy(model, **kwargs):
+        calls.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    config = TrainConfig(model=MODEL, out=tmp_path, dataset="digits", image_size=16, limit=32,
+                         batch_size=16, epochs=1, compile=True, quiet=True)
+    final = fit(config, MODELS[MODEL])["final"]
+    assert len(calls) == 1 and torch.isfinite(torch.tensor(final["train_loss"]))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    fresh = MODELS[MODEL](num_classes=10)
+    fresh.load_state_dict(state["model_state"])
