@@ -22,6 +22,7 @@ from dilconv._checks import (
     pyramid_output_keys,
 )
 from dilconv.fusion import FUSION_MODES, WeightedFusion
+from dilconv.upsample import resize_to
 
 __all__ = ["BiFPN", "BiFPNLayer"]
 
@@ -30,9 +31,7 @@ LayerFactory = Callable[..., nn.Module]
 
 
 def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
-    if x.shape[-2:] == like.shape[-2:]:
-        return x
-    return F.interpolate(x, size=like.shape[-2:], mode="nearest")
+    return x if x.shape[-2:] == like.shape[-2:] else resize_to(x, like)
 
 
 def _downsample_to(x: Tensor, like: Tensor) -> Tensor:

@@ -14,19 +14,13 @@ from dilconv._checks import (
     pyramid_channels,
     pyramid_output_keys,
 )
-from dilconv.upsample import TransposedConvUpsampler
+from dilconv.upsample import TransposedConvUpsampler, resize_to
 
-__all__ = ["FPNNeck", "resize_to", "UPSAMPLE_MODES"]
+__all__ = ["FPNNeck", "UPSAMPLE_MODES"]
 
 UPSAMPLE_MODES = ("nearest", "bilinear", "transposed")
 
 Features = Sequence[Tensor] | Mapping[str, Tensor]
-
-
-def resize_to(x: Tensor, like: Tensor, mode: str = "nearest") -> Tensor:
-    """Interpolate ``x`` to the exact spatial size of ``like`` (odd sizes included)."""
-    align = False if mode in ("bilinear", "bicubic") else None
-    return F.interpolate(x, size=like.shape[-2:], mode=mode, align_corners=align)
 
 
 class FPNNeck(nn.Module):

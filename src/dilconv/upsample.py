@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive, pair
 
-__all__ = ["TransposedConvUpsampler"]
+__all__ = ["TransposedConvUpsampler", "resize_to"]
+
+
+def resize_to(x: Tensor, like: Tensor, mode: str = "nearest") -> Tensor:
+    """Interpolate ``x`` to the exact spatial size of ``like`` (odd sizes included)."""
+    align = False if mode in ("bilinear", "bicubic") else None
+    return F.interpolate(x, size=like.shape[-2:], mode=mode, align_corners=align)
 
 
 class TransposedConvUpsampler(nn.Module):
