@@ -6,25 +6,22 @@ Submodule names follow torchvision's ``Bottleneck`` and ``BasicBlock`` (``conv1`
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive
+from dilconv._layers import ActLayer, NormLayer, conv_bias, create_act, create_norm
 
 __all__ = ["DilatedBasicBlock", "DilatedBottleneck"]
 
-NormLayer = Callable[..., nn.Module]
-
 
 def _projection(
-    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer, dd: dict
+    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None, dd: dict
 ) -> nn.Sequential | None:
     if stride == 1 and in_channels == out_channels:
         return None
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False, **dd),
-        norm_layer(out_channels, **dd),
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=conv_bias(norm_layer), **dd),
+        create_norm(norm_layer, out_channels, **dd),
     )
 
 
@@ -44,8 +41,9 @@ class DilatedBottleneck(nn.Module):
         expansion: the output has ``planes * expansion`` channels.
         groups: groups of the 3x3 convolution (ResNeXt).
         width: channels of the 3x3 convolution if not ``planes`` (wide ResNets, ResNeXt).
-        norm_layer: called as ``norm_layer(num_features, device=..., dtype=...)``.
-        act_layer: activation class, called with ``inplace=True``.
+        norm_layer: norm class or factory, called as ``norm_layer(num_features)``; ``None``
+            for no norm (the convolutions then have a bias).
+        act_layer: activation class or factory (in place where it supports ``inplace``).
 
     Shape:
         input (N, in_channels, H, W) -> output
@@ -68,8 +66,8 @@ class DilatedBottleneck(nn.Module):
         *,
         groups: int = 1,
         width: int | None = None,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
+        act_layer: ActLayer | None = nn.ReLU,
         device=None,
         dtype=None,
     ) -> None:
@@ -84,20 +82,21 @@ class DilatedBottleneck(nn.Module):
         if width % groups:
             raise ValueError(f"width ({width}) must be divisible by groups ({groups})")
         dd = {"device": device, "dtype": dtype}
+        bias = conv_bias(norm_layer)
         self.in_channels = in_channels
         self.out_channels = planes * expansion
         self.stride = stride
         self.dilation = dilation
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False, **dd)
-        self.bn1 = norm_layer(width, **dd)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=bias, **dd)
+        self.bn1 = create_norm(norm_layer, width, **dd)
         self.conv2 = nn.Conv2d(
             width, width, 3, stride=stride, padding=dilation, dilation=dilation,
-            groups=groups, bias=False, **dd,
+            groups=groups, bias=bias, **dd,
         )
-        self.bn2 = norm_layer(width, **dd)
-        self.conv3 = nn.Conv2d(width, self.out_channels, 1, bias=False, **dd)
-        self.bn3 = norm_layer(self.out_channels, **dd)
-        self.relu = act_layer(inplace=True)
+        self.bn2 = create_norm(norm_layer, width, **dd)
+        self.conv3 = nn.Conv2d(width, self.out_channels, 1, bias=bias, **dd)
+        self.bn3 = create_norm(norm_layer, self.out_channels, **dd)
+        self.relu = create_act(act_layer)
         self.downsample = _projection(in_channels, self.out_channels, stride, norm_layer, dd)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,8 +126,9 @@ class DilatedBasicBlock(nn.Module):
         planes: channels of both 3x3 convolutions and of the output (``expansion`` is 1).
         stride: stride of the first 3x3 convolution and of the projection.
         dilation: dilation of both 3x3 convolutions.
-        norm_layer: called as ``norm_layer(num_features, device=..., dtype=...)``.
-        act_layer: activation class, called with ``inplace=True``.
+        norm_layer: norm class or factory, called as ``norm_layer(num_features)``; ``None``
+            for no norm (the convolutions then have a bias).
+        act_layer: activation class or factory (in place where it supports ``inplace``).
 
     Shape:
         input (N, in_channels, H, W) -> output
@@ -150,8 +150,8 @@ class DilatedBasicBlock(nn.Module):
         stride: int = 1,
         dilation: int = 1,
         *,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
+        act_layer: ActLayer | None = nn.ReLU,
         device=None,
         dtype=None,
     ) -> None:
@@ -161,20 +161,21 @@ class DilatedBasicBlock(nn.Module):
         check_positive("stride", stride)
         check_positive("dilation", dilation)
         dd = {"device": device, "dtype": dtype}
+        bias = conv_bias(norm_layer)
         self.in_channels = in_channels
         self.out_channels = planes
         self.stride = stride
         self.dilation = dilation
         self.conv1 = nn.Conv2d(
             in_channels, planes, 3, stride=stride, padding=dilation, dilation=dilation,
-            bias=False, **dd,
+            bias=bias, **dd,
         )
-        self.bn1 = norm_layer(planes, **dd)
+        self.bn1 = create_norm(norm_layer, planes, **dd)
         self.conv2 = nn.Conv2d(
-            planes, planes, 3, padding=dilation, dilation=dilation, bias=False, **dd
+            planes, planes, 3, padding=dilation, dilation=dilation, bias=bias, **dd
         )
-        self.bn2 = norm_layer(planes, **dd)
-        self.relu = act_layer(inplace=True)
+        self.bn2 = create_norm(norm_layer, planes, **dd)
+        self.relu = create_act(act_layer)
         self.downsample = _projection(in_channels, planes, stride, norm_layer, dd)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -6,11 +6,12 @@ Module names follow torchvision's ``ResNet`` (``conv1``, ``bn1``, ``relu``, ``ma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from dilconv._checks import check_choice, check_feature_map, check_positive
+from dilconv._layers import ActLayer, NormLayer, create_act, create_norm
 from dilconv.bottleneck import DilatedBasicBlock, DilatedBottleneck
 
 __all__ = ["DilatedResNet"]
@@ -62,8 +63,9 @@ class DilatedResNet(nn.Module):
         groups: groups of the bottleneck 3x3 convolutions (ResNeXt).
         width_per_group: bottleneck width per group at 64 planes (torchvision's argument):
             the 3x3 width of a stage is ``planes * width_per_group / 64 * groups``.
-        norm_layer: called as ``norm_layer(num_features, device=..., dtype=...)``.
-        act_layer: activation class, called with ``inplace=True``.
+        norm_layer: norm class or factory, called as ``norm_layer(num_features)``
+            (``FrozenBatchNorm2d`` works); ``None`` for no norm.
+        act_layer: activation class or factory (in place where it supports ``inplace``).
 
     Attributes:
         out_channels: channels of each returned stage.
@@ -98,8 +100,8 @@ class DilatedResNet(nn.Module):
         output_stride: int | None = None,
         groups: int = 1,
         width_per_group: int = 64,
-        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
+        act_layer: ActLayer | None = nn.ReLU,
         device=None,
         dtype=None,
     ) -> None:
@@ -139,8 +141,8 @@ class DilatedResNet(nn.Module):
             in_channels, stem_channels, stem_kernel, stride=stem_stride,
             padding=stem_kernel // 2, bias=stem_bias, **dd,
         )
-        self.bn1 = norm_layer(stem_channels, **dd)
-        self.relu = act_layer(inplace=True)
+        self.bn1 = create_norm(norm_layer, stem_channels, **dd)
+        self.relu = create_act(act_layer)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_pool else nn.Identity()
 
         block_cls = _BLOCKS[block]

@@ -1,0 +1,84 @@
+"""The one layer-injection convention of every dilconv block (``act_layer``, ``norm_layer``).
+
+Every block that takes an ``act_layer`` builds it with :func:`create_act` and every block that
+takes a ``norm_layer`` builds it with :func:`create_norm`, so that any activation class and any
+norm layer is accepted the same way everywhere:
+
+- ``act_layer``: a class or factory (``nn.ReLU``, ``nn.GELU``, ``nn.SiLU``,
+  ``functools.partial(nn.LeakyReLU, negative_slope=0.2)``, ...). It is called with
+  ``inplace=True`` when its signature has an ``inplace`` parameter that a ``partial`` has not
+  already fixed, and with no arguments otherwise (``nn.GELU``, ``nn.Tanh``, a custom class).
+  ``None`` means no activation (``nn.Identity``).
+- ``norm_layer``: a class or factory called as ``norm_layer(num_features)``, with
+  ``device=``/``dtype=`` when it accepts them (``nn.BatchNorm2d``,
+  ``partial(nn.GroupNorm, 8)``) and moved there afterwards when it does not (torchvision's
+  ``FrozenBatchNorm2d``). ``None`` means no norm (``nn.Identity``); a convolution that had no
+  bias because a norm followed it then gets one (:func:`conv_bias`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+__all__ = ["ActLayer", "NormLayer", "conv_bias", "create_act", "create_norm"]
+
+ActLayer = Callable[..., nn.Module]
+NormLayer = Callable[..., nn.Module]
+
+
+def _parameters(factory: Callable[..., object]) -> dict[str, inspect.Parameter] | None:
+    try:
+        return dict(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _takes(params: dict[str, inspect.Parameter] | None, name: str) -> bool:
+    if params is None:
+        return False
+    if name in params:
+        return params[name].kind is not inspect.Parameter.POSITIONAL_ONLY
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def create_act(act_layer: ActLayer | None) -> nn.Module:
+    """Build one activation module from ``act_layer`` (see the module docstring)."""
+    if act_layer is None:
+        return nn.Identity()
+    if not callable(act_layer):
+        raise TypeError(
+            f"act_layer must be an activation class or factory (e.g. nn.ReLU), got {act_layer!r}"
+        )
+    fixed = act_layer.keywords if isinstance(act_layer, functools.partial) else {}
+    params = _parameters(act_layer)
+    if params is not None and "inplace" in params and "inplace" not in fixed:
+        return act_layer(inplace=True)
+    return act_layer()
+
+
+def create_norm(
+    norm_layer: NormLayer | None, num_features: int, *, device=None, dtype=None
+) -> nn.Module:
+    """Build one norm over ``num_features`` channels from ``norm_layer`` (see the module doc)."""
+    if norm_layer is None:
+        return nn.Identity()
+    if not callable(norm_layer):
+        raise TypeError(
+            "norm_layer must be a norm class or factory (e.g. nn.BatchNorm2d) or None, "
+            f"got {norm_layer!r}"
+        )
+    if device is None and dtype is None:
+        return norm_layer(num_features)
+    params = _parameters(norm_layer)
+    if _takes(params, "device") and _takes(params, "dtype"):
+        return norm_layer(num_features, device=device, dtype=dtype)
+    return norm_layer(num_features).to(device=device, dtype=dtype)
+
+
+def conv_bias(norm_layer: NormLayer | None) -> bool:
+    """Whether a convolution followed by ``norm_layer`` needs its own bias (only without a norm)."""
+    return norm_layer is None
