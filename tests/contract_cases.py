@@ -49,7 +49,7 @@ EXEMPT = {
 ALL_CHECKS = frozenset(
     {
         "forward_backward", "gradcheck", "compile", "onnx", "channels_last", "autocast",
-        "state", "determinism", "bad_input", "nan", "meta",
+        "state", "determinism", "bad_input", "nan", "meta", "empty_batch", "layers",
     }
 )
 # Reference networks (millions of parameters, seconds per check on 2 CPU cores) run as slow
@@ -129,6 +129,8 @@ VARIANT = frozenset({"compile", "onnx"})
 # Inductor takes 10-60 s a graph on 2 CPU cores: blocks compiled as part of a larger case
 # (bottleneck in the ResNet, attentions in CBAM, BiFPNLayer in BiFPN) skip their own compile.
 COMPILED_ELSEWHERE = frozenset({"compile"})
+# Variants that fix a layer argument themselves; the default configuration takes the others.
+FIXED_LAYERS = VARIANT | {"layers"}
 
 BLOCK_CASES = [
     Case("bottleneck", lambda **dd: DilatedBottleneck(8, 4, stride=2, dilation=2, **dd),
@@ -149,12 +151,14 @@ BLOCK_CASES = [
          pyramid(LEVELS), kind="pyramid"),
     Case("fpn_transposed", lambda **dd: FPNNeck(LEVELS, 8, "transposed", **dd),
          pyramid(LEVELS), kind="pyramid"),
+    Case("fpn_norm", lambda **dd: FPNNeck(LEVELS, 8, norm_layer=nn.BatchNorm2d, **dd),
+         pyramid(LEVELS), kind="pyramid", skip=FIXED_LAYERS),
     Case("fpn_transposed_mapping", lambda **dd: FPNNeck(
         LEVELS, 8, "transposed", extra_level=True, **dd), pyramid(LEVELS, KEYS),
         kind="pyramid", skip=COMPILED_ELSEWHERE),
     Case("upsampler", lambda **dd: TransposedConvUpsampler(4, 6, **dd), one_map(4)),
     Case("upsampler_scale3_no_norm", lambda **dd: TransposedConvUpsampler(
-        4, 6, scale=3, norm=False, **dd), one_map(4), skip=VARIANT),
+        4, 6, scale=3, norm_layer=None, **dd), one_map(4), skip=FIXED_LAYERS),
     Case("bifpn", lambda **dd: BiFPN(LEVELS, 8, num_layers=1, **dd), pyramid(LEVELS),
          kind="pyramid"),
     Case("bifpn_softmax_mapping", lambda **dd: BiFPN(
@@ -162,16 +166,13 @@ BLOCK_CASES = [
         pyramid(LEVELS, KEYS), kind="pyramid", skip=VARIANT),
     Case("bifpn_layer", lambda **dd: BiFPNLayer(4, num_levels=3, **dd), pyramid([4, 4, 4]),
          kind="pyramid", skip=COMPILED_ELSEWHERE),
-    # An unweighted sum: the fusion weights are kept for the state_dict layout, never used.
+    # An unweighted sum: the fusion weights are buffers, so every parameter gets a gradient.
     Case("bifpn_layer_sum", lambda **dd: BiFPNLayer(4, num_levels=3, fusion="sum", **dd),
-         pyramid([4, 4, 4]), kind="pyramid", skip=VARIANT,
-         no_grad=frozenset(
-             f"{path}.{i}.fusion.weight" for path in ("top_down", "bottom_up") for i in (0, 1))),
+         pyramid([4, 4, 4]), kind="pyramid", skip=VARIANT),
     Case("fusion_fast", lambda **dd: WeightedFusion(3, **dd), group(3, 4), kind="group"),
     Case("fusion_softmax", lambda **dd: WeightedFusion(2, mode="softmax", **dd), group(2, 4),
          kind="group", skip=VARIANT),
-    Case("fusion_sum", _fusion_sum, group(3, 4), kind="group", skip=VARIANT,
-         no_grad=frozenset({"weight"})),
+    Case("fusion_sum", _fusion_sum, group(3, 4), kind="group", skip=VARIANT),
     Case("channel_attention", lambda **dd: ChannelAttention(8, reduction=4, **dd), one_map(8),
          skip=COMPILED_ELSEWHERE),
     Case("spatial_attention", lambda **dd: SpatialAttention(3, **dd), one_map(5),

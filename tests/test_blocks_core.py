@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -73,8 +76,17 @@ def test_bad_input_is_caught_before_conv(cls):
         block(torch.randn(1, 5, 8, 8))
     with pytest.raises(ValueError, match="4-D"):
         block(torch.randn(8, 8, 8))
-    with pytest.raises(ValueError, match="non-empty"):
-        block(torch.randn(0, 8, 8, 8))
+    with pytest.raises(ValueError, match="non-empty spatial size"):
+        block(torch.randn(1, 8, 0, 8))
+
+
+@pytest.mark.parametrize("cls", [DilatedBottleneck, DilatedBasicBlock])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_empty_batch_passes_in_train_and_eval(cls, stride):
+    for train in (True, False):
+        block = cls(8, 4, stride).train(train)
+        out = block(torch.randn(0, 8, 9, 8))
+        assert out.shape == (0, *block(torch.randn(1, 8, 9, 8)).shape[1:])
 
 
 @given(h=sizes, w=sizes, scale=st.integers(1, 4), c_in=st.integers(1, 5), c_out=st.integers(1, 5))
@@ -108,5 +120,31 @@ def test_upsampler_refuses_unreachable_target():
 
 
 def test_upsampler_without_norm_has_bias():
-    assert TransposedConvUpsampler(4, 4, norm=False).conv.bias is not None
+    assert TransposedConvUpsampler(4, 4, norm_layer=None).conv.bias is not None
+    assert isinstance(TransposedConvUpsampler(4, 4, norm_layer=None).norm, nn.Identity)
     assert TransposedConvUpsampler(4, 4).conv.bias is None
+    norm = TransposedConvUpsampler(4, 4, norm_layer=partial(nn.GroupNorm, 2)).norm
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 2
+
+
+@pytest.mark.parametrize("target", [(8, 10), (7, 9), (9, 11), (7, 11)], ids=str)
+def test_upsampler_calls_its_conv_module(target):
+    # Hooks, FX, quantization swaps and pruning see the module only if forward calls it.
+    up = TransposedConvUpsampler(3, 2, norm_layer=None).eval()
+    calls = []
+    up.conv.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape[-2:])))
+    out = up(torch.randn(1, 3, 4, 5), output_size=target)
+    assert out.shape[-2:] == target and len(calls) == 1
+
+
+@given(data=st.data(), h=sizes, w=sizes, scale=st.integers(1, 4))
+def test_upsampler_bias_fills_rows_past_the_input(data, h, w, scale):
+    # Rows past scale * H see no input: output_padding gives them the bias alone.
+    th = data.draw(st.integers(scale * (h - 1) + 1, scale * h + scale - 1))
+    tw = data.draw(st.integers(scale * (w - 1) + 1, scale * w + scale - 1))
+    up = TransposedConvUpsampler(3, 2, scale, norm_layer=None).eval()
+    x = torch.randn(1, 3, h, w)
+    grown = (max(th, scale * h), max(tw, scale * w))
+    pad = (grown[0] - scale * h, grown[1] - scale * w)
+    ref = F.conv_transpose2d(x, up.conv.weight, up.conv.bias, stride=scale, output_padding=pad)
+    torch.testing.assert_close(up(x, output_size=(th, tw)), ref[..., :th, :tw])

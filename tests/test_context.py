@@ -57,8 +57,9 @@ def test_large_module_is_identity_up_to_the_init_noise(c: int, h: int, w: int, s
     with torch.no_grad():
         error = module(x) - x
     std = noise_error_std(module)
+    # Only a tail bound here: over a few elements (h = w = 1) the sample RMS of a normal error
+    # exceeds its standard deviation often; the size of the noise is tested on a large map below.
     assert error.abs().max() <= 6 * std
-    assert error.pow(2).mean().sqrt() <= std
 
 
 def test_large_module_noise_is_present_and_of_the_predicted_size() -> None:

@@ -21,19 +21,29 @@ gets the whole contract by adding one ``Case`` line there. Decisions and toleran
   mantissa, about 0.4% per rounding, compounded over a few layers).
 - NaN input: propagates (every output holds a NaN, nothing raises) for every block; none
   needs to reject it, since a NaN is a value, not a shape error.
-- empty batch: rejected by every block that checks a feature map; a fusion (elementwise, any
-  rank) returns an empty output, as ``torch.add`` does.
+- empty batch: N = 0 passes through every block, in train and eval mode, with the shape the
+  block gives a non-empty batch (torchvision's blocks do; detection heads produce empty
+  batches); an empty spatial size (H or W = 0) is rejected by every block that checks a
+  feature map.
+- layers: every block taking ``act_layer`` / ``norm_layer`` runs, forward and backward, with
+  other activations (``nn.GELU``, which takes no ``inplace``; ``nn.Hardswish``, in place; a
+  ``partial`` that fixes ``inplace=False``) and other norms (a ``partial(nn.GroupNorm, 1)``;
+  torchvision's ``FrozenBatchNorm2d``, which takes no ``device``/``dtype``; ``None``), and the
+  layer given is the one it uses.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import pickle
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import dilconv
 from contract_cases import (
@@ -319,7 +329,7 @@ def bad_inputs(case: Case) -> dict[str, tuple[tuple, str]]:
         if not case.any_channels:
             wide = torch.randn(n, c + 1, h, w)
             bad["channels"] = ((wide,), rf"expected {c} input channels, got {c + 1}")
-        bad["empty"] = ((good[:0],), "expected a non-empty input")
+        bad["empty"] = ((good[..., :0],), "expected a non-empty spatial size")
         return bad
     keys = list(good) if isinstance(good, dict) else list(range(len(good)))
     maps = list(good.values()) if isinstance(good, dict) else list(good)
@@ -347,7 +357,9 @@ def bad_inputs(case: Case) -> dict[str, tuple[tuple, str]]:
         fewer, rf"expected {count} feature maps \(one per in_channels entry\), got {count - 1}"
     )
     bad["batch"] = (with_level(1, torch.cat([one, one])), "expected one batch size")
-    bad["empty"] = (map_tensors(lambda t: t[:0], (good,)), "expected a non-empty input")
+    bad["empty"] = (
+        map_tensors(lambda t: t[..., :0], (good,)), "expected a non-empty spatial size"
+    )
     return bad
 
 
@@ -416,3 +428,83 @@ def test_factory_dtype_reaches_every_tensor(case):
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
         assert not t.is_floating_point() or t.dtype == torch.float64, name
 
+
+
+# 11. Empty batch ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases_for("empty_batch"))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_empty_batch_passes_through(case, mode):
+    module = build(case).train(mode == "train")
+    n, h, w = case.size
+    with torch.no_grad():
+        full = tensors(module.eval()(*inputs(case)))
+        module.train(mode == "train")
+        empty = tensors(module(*inputs(case, (0, h, w))))
+    assert [t.shape for t in empty] == [(0, *t.shape[1:]) for t in full]
+
+
+# 12. Layer injection ------------------------------------------------------------------------
+
+OTHER_LAYERS = {
+    "act_layer": {
+        "gelu": nn.GELU,
+        "hardswish": nn.Hardswish,
+        "leaky_not_inplace": partial(nn.LeakyReLU, negative_slope=0.1, inplace=False),
+    },
+    "norm_layer": {
+        "groupnorm": partial(nn.GroupNorm, 1),
+        "frozen_bn": FrozenBatchNorm2d,
+        "none": None,
+    },
+}
+NORMS = (nn.BatchNorm2d, nn.GroupNorm, FrozenBatchNorm2d)
+
+
+def injection_points(case: Case) -> list[str]:
+    module = case.build(device="meta")
+    accepted = inspect.signature(type(module)).parameters
+    return [arg for arg in OTHER_LAYERS if arg in accepted]
+
+
+LAYER_CASES = [
+    param(case, arg, label, name=f"{case.name}-{label}")
+    for case in CASES
+    if case.runs("layers")
+    for arg in injection_points(case)
+    for label in OTHER_LAYERS[arg]
+]
+
+
+def layer_type(layer) -> type | None:
+    return layer.func if isinstance(layer, partial) else layer
+
+
+@pytest.mark.parametrize(("case", "arg", "label"), LAYER_CASES)
+def test_any_activation_and_norm_is_accepted(case, arg, label):
+    layer = OTHER_LAYERS[arg][label]
+    module = build(case, **{arg: layer}).train()
+    default = build(case).eval()
+    args = map_tensors(lambda t: t.requires_grad_(), inputs(case))
+    outputs = tensors(module(*args))
+    sum((out * torch.randn_like(out)).sum() for out in outputs).backward()
+    with torch.no_grad():
+        expected = tensors(default(*inputs(case)))
+    assert [t.shape for t in outputs] == [t.shape for t in expected]
+    assert all(torch.isfinite(t).all() for t in outputs)
+    for x in tensors(args):
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    kind = layer_type(layer)
+    if kind is not None:
+        assert any(type(m) is kind for m in module.modules()), f"{kind.__name__} is not used"
+        if layer is OTHER_LAYERS["act_layer"]["leaky_not_inplace"]:
+            leaky = [m for m in module.modules() if isinstance(m, nn.LeakyReLU)]
+            assert all(not m.inplace and m.negative_slope == 0.1 for m in leaky)
+    else:
+        def count(net: nn.Module) -> int:
+            return sum(isinstance(m, NORMS) for m in net.modules())
+
+        assert count(module) <= count(default)
+        if count(default) and "transposed" not in case.name:
+            assert count(module) == 0, "norm_layer=None left norms in place"

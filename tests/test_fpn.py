@@ -119,3 +119,28 @@ def test_mapping_in_channels_fix_the_keys(neck_cls):
 def test_in_channels_must_be_a_sequence_or_mapping():
     with pytest.raises(TypeError, match="in_channels"):
         FPNNeck(256)
+
+
+@pytest.mark.parametrize("norm_layer", [torch.nn.BatchNorm2d, None], ids=["bn", "none"])
+def test_norm_layer_same_as_torchvision_fpn(norm_layer):
+    channels = [8, 16, 32]
+    ours = FPNNeck(channels, 12, norm_layer=norm_layer).train()
+    theirs = FeaturePyramidNetwork(channels, 12, norm_layer=norm_layer).train()
+    for i in range(len(channels)):
+        for mine, ref in ((ours.lateral[i], theirs.inner_blocks[i][0]),
+                          (ours.smooth[i], theirs.layer_blocks[i][0])):
+            assert (mine.bias is None) == (ref.bias is None) == (norm_layer is not None)
+            ref.load_state_dict(mine.state_dict())
+    feats = pyramid(21, 14, channels, batch=2)
+    for mine, ref in zip(ours(feats), theirs(dict(enumerate(feats))).values()):
+        torch.testing.assert_close(mine, ref)
+
+
+def test_norm_layer_keys_and_upsampler_norm():
+    keys = set(FPNNeck([4, 8], 8, norm_layer=torch.nn.BatchNorm2d).state_dict())
+    assert {"lateral_norm.0.weight", "smooth_norm.1.running_var"} <= keys
+    assert "lateral.0.bias" not in keys
+    gn = FPNNeck([4, 8], 8, upsample="transposed", norm_layer=lambda c: torch.nn.GroupNorm(2, c))
+    assert isinstance(gn.upsample[0].norm, torch.nn.GroupNorm)
+    assert isinstance(FPNNeck([4, 8], 8, upsample="transposed").upsample[0].norm,
+                      torch.nn.BatchNorm2d)

@@ -76,7 +76,11 @@ def pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
 
 
 def check_feature_map(x: Tensor, *, channels: int | None = None, name: str = "block") -> None:
-    """Raise unless ``x`` is a non-empty floating NCHW tensor with ``channels`` channels."""
+    """Raise unless ``x`` is a floating NCHW tensor with ``channels`` channels and H, W >= 1.
+
+    An empty batch (N = 0, what detection heads produce for images without proposals) passes,
+    as it does through torchvision's blocks.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expected a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -86,8 +90,10 @@ def check_feature_map(x: Tensor, *, channels: int | None = None, name: str = "bl
             f"{name} expected {channels} input channels, got {x.shape[1]} "
             f"(input shape {tuple(x.shape)})"
         )
-    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{name} expected a non-empty input, got shape {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(
+            f"{name} expected a non-empty spatial size (H, W >= 1), got shape {tuple(x.shape)}"
+        )
     if not torch.is_floating_point(x):
         raise TypeError(f"{name} expected a floating-point input, got {x.dtype}")
 

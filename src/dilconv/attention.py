@@ -1,26 +1,26 @@
 """Convolutional Block Attention Module (Woo et al., CBAM, ECCV 2018, eq. 1-4).
 
 Channel attention (eq. 2) then spatial attention (eq. 3), each applied multiplicatively
-(eq. 1). The layout follows the authors' code: the shared MLP has a bias on both layers and
-a hidden width of :func:`~dilconv._checks.reduced_channels` ``(C, reduction)``; the spatial
-``k x k`` convolution has no bias and is followed by a norm layer, with no activation
-before the sigmoid. State-dict keys: ``channel.fc1``, ``channel.fc2``, ``spatial.conv``,
-``spatial.bn``.
+(eq. 1). The layers are those of the authors' code: the shared MLP has a bias on both
+layers and a hidden width of :func:`~dilconv._checks.reduced_channels` ``(C, reduction)``;
+the spatial ``k x k`` convolution has no bias and is followed by a norm layer, with no
+activation before the sigmoid. The spatial descriptor differs from that code in one place:
+it concatenates the channel-wise mean *before* the max, as the paper's eq. 3 writes
+``[AvgPool(F); MaxPool(F)]`` and timm's ``CbamModule`` does, whereas the authors' code puts
+the max first; their weights load after swapping the two input channels of
+``spatial.conv.weight``. State-dict keys: ``channel.fc1``, ``channel.fc2``,
+``spatial.conv``, ``spatial.bn``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive, reduced_channels
+from dilconv._layers import ActLayer, NormLayer, conv_bias, create_act, create_norm
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
-
-NormLayer = Callable[..., nn.Module]
-ActLayer = Callable[..., nn.Module]
 
 
 def _check_odd_kernel(name: str, kernel_size: int) -> int:
@@ -42,7 +42,7 @@ class ChannelAttention(nn.Module):
     Args:
         channels: C, channels in and out.
         reduction: hidden width is ``max(1, C // reduction)`` (floor, never below 1).
-        act_layer: activation class of the MLP, called with no arguments.
+        act_layer: activation class or factory (in place where it takes ``inplace``) of the MLP.
 
     Shape:
         input (N, C, H, W) -> output (N, C, H, W)
@@ -59,7 +59,7 @@ class ChannelAttention(nn.Module):
         channels: int,
         reduction: int = 16,
         *,
-        act_layer: ActLayer = nn.ReLU,
+        act_layer: ActLayer | None = nn.ReLU,
         device=None,
         dtype=None,
     ) -> None:
@@ -72,7 +72,7 @@ class ChannelAttention(nn.Module):
         self.reduction = reduction
         self.hidden_channels = reduced_channels(channels, reduction)
         self.fc1 = nn.Conv2d(channels, self.hidden_channels, 1, **dd)
-        self.act = act_layer()
+        self.act = create_act(act_layer)
         self.fc2 = nn.Conv2d(self.hidden_channels, channels, 1, **dd)
 
     def _mlp(self, descriptor: Tensor) -> Tensor:
@@ -101,7 +101,8 @@ class SpatialAttention(nn.Module):
 
     Args:
         kernel_size: k, odd and positive (the paper uses 7).
-        norm_layer: called as ``norm_layer(1, device=..., dtype=...)``.
+        norm_layer: norm class or factory, called as ``norm_layer(1)``; ``None`` for no norm
+            (the convolution then has a bias).
 
     Shape:
         input (N, C, H, W) -> output (N, C, H, W)
@@ -117,7 +118,7 @@ class SpatialAttention(nn.Module):
         self,
         kernel_size: int = 7,
         *,
-        norm_layer: NormLayer = nn.BatchNorm2d,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
         device=None,
         dtype=None,
     ) -> None:
@@ -125,8 +126,9 @@ class SpatialAttention(nn.Module):
         _check_odd_kernel("kernel_size", kernel_size)
         dd = {"device": device, "dtype": dtype}
         self.kernel_size = kernel_size
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
-        self.bn = norm_layer(1, **dd)
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2,
+                              bias=conv_bias(norm_layer), **dd)
+        self.bn = create_norm(norm_layer, 1, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         check_feature_map(x, name=type(self).__name__)
@@ -147,9 +149,10 @@ class CBAM(nn.Module):
         channels: C, channels in and out.
         reduction: the channel MLP's hidden width is ``max(1, C // reduction)``.
         spatial_kernel: k of the spatial ``k x k`` convolution, odd and positive.
-        act_layer: activation class of the channel MLP, called with no arguments.
-        norm_layer: norm after the spatial convolution, called as
-            ``norm_layer(1, device=..., dtype=...)``.
+        act_layer: activation class or factory of the channel MLP (in place where it takes
+            ``inplace``).
+        norm_layer: norm class or factory after the spatial convolution, called as
+            ``norm_layer(1)``; ``None`` for no norm.
 
     Shape:
         input (N, C, H, W) -> output (N, C, H, W)
@@ -167,8 +170,8 @@ class CBAM(nn.Module):
         reduction: int = 16,
         spatial_kernel: int = 7,
         *,
-        act_layer: ActLayer = nn.ReLU,
-        norm_layer: NormLayer = nn.BatchNorm2d,
+        act_layer: ActLayer | None = nn.ReLU,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
         device=None,
         dtype=None,
     ) -> None:

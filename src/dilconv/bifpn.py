@@ -2,14 +2,13 @@
 
 A BiFPN layer runs a top-down pass and then a bottom-up pass over the pyramid, fusing the maps
 that meet at each node with :class:`~dilconv.WeightedFusion` (eq. 3) and refining the result
-with a depthwise-separable 3x3 convolution, a norm and an activation. Seed 001 (an SSD
-pedestrian detector on EfficientNet-b4) reached for it after a plain FPN, to replace the
-unweighted sum at its skip connections with this learned, normalised one.
+with a depthwise-separable 3x3 convolution, a norm and an activation. It replaces the
+unweighted sums of an FPN's top-down path (Lin et al. 2017) with learned, normalised ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,13 +20,13 @@ from dilconv._checks import (
     pyramid_channels,
     pyramid_output_keys,
 )
+from dilconv._layers import ActLayer, NormLayer, conv_bias, create_act, create_norm
 from dilconv.fusion import FUSION_MODES, WeightedFusion
 from dilconv.upsample import resize_to
 
 __all__ = ["BiFPN", "BiFPNLayer"]
 
 Features = Sequence[Tensor] | Mapping[str, Tensor]
-LayerFactory = Callable[..., nn.Module]
 
 
 def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
@@ -53,8 +52,8 @@ class _FusionNode(nn.Module):
         *,
         eps: float,
         fusion: str,
-        act_layer: LayerFactory,
-        norm_layer: LayerFactory,
+        act_layer: ActLayer | None,
+        norm_layer: NormLayer | None,
         dd: dict,
     ) -> None:
         super().__init__()
@@ -63,8 +62,8 @@ class _FusionNode(nn.Module):
             channels, channels, 3, padding=1, groups=channels, bias=False, **dd
         )
         self.pointwise = nn.Conv2d(channels, channels, 1, **dd)
-        self.norm = norm_layer(channels, **dd)
-        self.act = act_layer()
+        self.norm = create_norm(norm_layer, channels, **dd)
+        self.act = create_act(act_layer)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         return self.act(self.norm(self.pointwise(self.depthwise(self.fusion(inputs)))))
@@ -97,8 +96,9 @@ class BiFPNLayer(nn.Module):
         eps: ``eps`` of every :class:`~dilconv.WeightedFusion`.
         fusion: mode of every fusion: ``"fast"`` (EfficientDet eq. 3), ``"softmax"`` or
             ``"sum"``.
-        act_layer: activation class, called with no arguments (EfficientDet uses swish).
-        norm_layer: called as ``norm_layer(C, device=..., dtype=...)``.
+        act_layer: activation class or factory (in place where it takes ``inplace``);
+            EfficientDet uses swish (``nn.SiLU``).
+        norm_layer: norm class or factory, called as ``norm_layer(C)``; ``None`` for no norm.
 
     Shape:
         input: L maps (N, C, H_i, W_i), as a sequence fine to coarse or a mapping name -> map
@@ -122,8 +122,8 @@ class BiFPNLayer(nn.Module):
         *,
         eps: float = 1e-4,
         fusion: str = "fast",
-        act_layer: LayerFactory = nn.SiLU,
-        norm_layer: LayerFactory = nn.BatchNorm2d,
+        act_layer: ActLayer | None = nn.SiLU,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
         device=None,
         dtype=None,
     ) -> None:
@@ -169,7 +169,8 @@ class BiFPN(nn.Module):
     """EfficientDet's BiFPN neck: per-level input projections, then repeated BiFPN layers.
 
     Every level whose channel count differs from ``channels`` first goes through a 1x1
-    convolution (no bias, the norm's shift replaces it) and ``norm_layer``; the others pass
+    convolution (no bias unless ``norm_layer`` is ``None``: the norm's shift replaces it) and
+    ``norm_layer``; the others pass
     unchanged. ``num_layers`` :class:`BiFPNLayer` follow. With ``extra_level=True`` one coarser
     level, ``max_pool2d(coarsest output, kernel_size=1, stride=2)``, is appended after the last
     layer, as torchvision's ``LastLevelMaxPool`` does (keyed ``"pool"`` for mappings).
@@ -217,8 +218,8 @@ class BiFPN(nn.Module):
         extra_level: bool = False,
         eps: float = 1e-4,
         fusion: str = "fast",
-        act_layer: LayerFactory = nn.SiLU,
-        norm_layer: LayerFactory = nn.BatchNorm2d,
+        act_layer: ActLayer | None = nn.SiLU,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
         device=None,
         dtype=None,
     ) -> None:
@@ -232,7 +233,8 @@ class BiFPN(nn.Module):
         self.extra_level = extra_level
         self.projections = nn.ModuleList(
             nn.Identity() if c == channels else nn.Sequential(
-                nn.Conv2d(c, channels, 1, bias=False, **dd), norm_layer(channels, **dd)
+                nn.Conv2d(c, channels, 1, bias=conv_bias(norm_layer), **dd),
+                create_norm(norm_layer, channels, **dd),
             )
             for c in self.in_channels
         )

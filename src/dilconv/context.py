@@ -8,12 +8,12 @@ state_dict keys are ``convs.0.weight``, ``convs.0.bias``, ..., ``convs.7.weight`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from dilconv._checks import check_choice, check_feature_map, check_positive
+from dilconv._layers import ActLayer, create_act
 
 __all__ = ["ContextModule", "identity_init_"]
 
@@ -138,7 +138,8 @@ class ContextModule(nn.Module):
         variant: ``"basic"`` or ``"large"`` (Table 1's two output-channel rows).
         num_classes: alias of ``channels``.
         identity_init: identity initialisation (eq. 4-5) if True, PyTorch's default otherwise.
-        act_layer: activation class, called with ``inplace=True`` (the paper's "truncation").
+        act_layer: activation class or factory (in place where it takes ``inplace``); ReLU
+            is the paper's "truncation".
 
     Attributes:
         dilations: dilation of each of the 8 layers, ``(1, 1, 2, 4, 8, 16, 1, 1)``.
@@ -169,7 +170,7 @@ class ContextModule(nn.Module):
         num_classes: int | None = None,
         identity_init: bool = True,
         *,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        act_layer: ActLayer | None = nn.ReLU,
         device=None,
         dtype=None,
     ) -> None:
@@ -200,7 +201,7 @@ class ContextModule(nn.Module):
             )
             c_in = c_out
         self.convs.append(nn.Conv2d(c_in, channels, 1, **dd))
-        self.act = act_layer(inplace=True)
+        self.act = create_act(act_layer)
         self.widths = tuple(conv.out_channels for conv in self.convs)
         self.dilations = tuple(conv.dilation[0] for conv in self.convs)
         self.receptive_fields = _receptive_fields(self.convs)

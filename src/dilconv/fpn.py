@@ -14,6 +14,7 @@ from dilconv._checks import (
     pyramid_channels,
     pyramid_output_keys,
 )
+from dilconv._layers import NormLayer, conv_bias, create_norm
 from dilconv.upsample import TransposedConvUpsampler, resize_to
 
 __all__ = ["FPNNeck", "UPSAMPLE_MODES"]
@@ -35,7 +36,9 @@ class FPNNeck(nn.Module):
     ``i`` counting levels fine to coarse; with ``smooth_top=False`` ``smooth`` has one entry
     fewer (the coarsest level is left unsmoothed, the layout of kuangliu/pytorch-fpn that the
     Dilated-FPN study's Table 1 counts). With ``upsample="transposed"``, ``upsample.{i}`` is the
-    :class:`TransposedConvUpsampler` taking level ``i + 1`` to level ``i``.
+    :class:`TransposedConvUpsampler` taking level ``i + 1`` to level ``i``. With a
+    ``norm_layer``, ``lateral_norm.{i}`` and ``smooth_norm.{i}`` follow the convolutions, which
+    then have no bias (without one these lists hold parameter-free ``nn.Identity``).
 
     Args:
         in_channels: channels of each input level, fine to coarse; or a mapping name ->
@@ -45,6 +48,10 @@ class FPNNeck(nn.Module):
         smooth_top: smooth the coarsest level too.
         extra_level: append one coarser level, ``max_pool2d(kernel 1, stride 2)`` of the
             coarsest output (torchvision's ``LastLevelMaxPool``), keyed ``"pool"`` in a mapping.
+        norm_layer: norm class or factory after every lateral and smoothing convolution, as
+            torchvision's ``FeaturePyramidNetwork(norm_layer=...)``; ``None`` (the default, as
+            in the paper) for none. It also replaces the ``BatchNorm2d`` of the transposed
+            up-samplers, which keep theirs when ``norm_layer`` is ``None``.
 
     Shape:
         input: a sequence of L maps (N, in_channels[i], H_i, W_i), fine to coarse, or a mapping
@@ -68,6 +75,7 @@ class FPNNeck(nn.Module):
         smooth_top: bool = True,
         *,
         extra_level: bool = False,
+        norm_layer: NormLayer | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -82,14 +90,26 @@ class FPNNeck(nn.Module):
         self.smooth_top = smooth_top
         self.extra_level = extra_level
         levels = len(in_channels)
-        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1, **dd) for c in in_channels)
+        bias = conv_bias(norm_layer)
+        self.lateral = nn.ModuleList(
+            nn.Conv2d(c, out_channels, 1, bias=bias, **dd) for c in in_channels
+        )
+        self.lateral_norm = nn.ModuleList(
+            create_norm(norm_layer, out_channels, **dd) for _ in in_channels
+        )
         smoothed = levels if smooth_top else levels - 1
         self.smooth = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, **dd) for _ in range(smoothed)
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias, **dd)
+            for _ in range(smoothed)
+        )
+        self.smooth_norm = nn.ModuleList(
+            create_norm(norm_layer, out_channels, **dd) for _ in range(smoothed)
         )
         if upsample == "transposed":
+            up_norm = nn.BatchNorm2d if norm_layer is None else norm_layer
             self.upsample = nn.ModuleList(
-                TransposedConvUpsampler(out_channels, out_channels, **dd) for _ in range(levels - 1)
+                TransposedConvUpsampler(out_channels, out_channels, norm_layer=up_norm, **dd)
+                for _ in range(levels - 1)
             )
         self.reset_parameters()
 
@@ -97,7 +117,8 @@ class FPNNeck(nn.Module):
         """Kaiming-uniform (a=1) weights and zero biases, as torchvision's FPN initialises."""
         for conv in [*self.lateral, *self.smooth]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def _up(self, level: int, x: Tensor, like: Tensor) -> Tensor:
         if self.upsample_mode == "transposed":
@@ -108,14 +129,15 @@ class FPNNeck(nn.Module):
         name = type(self).__name__
         keys, maps = check_levels(features, self.in_channels, name=name, keys=self.in_keys)
         keys = pyramid_output_keys(keys, self.extra_level, name=name)
-        top = self.lateral[-1](maps[-1])
+        top = self.lateral_norm[-1](self.lateral[-1](maps[-1]))
         merged = [top]
         for level in range(len(maps) - 2, -1, -1):
-            lateral = self.lateral[level](maps[level])
+            lateral = self.lateral_norm[level](self.lateral[level](maps[level]))
             top = lateral + self._up(level, top, lateral)
             merged.insert(0, top)
         outputs = [
-            self.smooth[i](m) if i < len(self.smooth) else m for i, m in enumerate(merged)
+            self.smooth_norm[i](self.smooth[i](m)) if i < len(self.smooth) else m
+            for i, m in enumerate(merged)
         ]
         if self.extra_level:
             outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))

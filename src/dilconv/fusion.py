@@ -32,7 +32,8 @@ class WeightedFusion(nn.Module):
       convex combination of the inputs.
     - ``"softmax"``: ``O = sum_i softmax(weight)_i I_i`` (eq. 2).
     - ``"sum"``: ``O = sum_i I_i``. ``weight`` is kept, so that the three modes share one
-      state_dict layout, but it is not used and receives no gradient.
+      state_dict layout, but as a buffer (all ones, unused): a parameter that never receives
+      a gradient would stop DistributedDataParallel.
 
     The normalisation runs in float32 and the factors are then cast to the inputs' dtype, so
     the output stays finite in float16/bfloat16 even with every weight driven to zero (the
@@ -78,12 +79,17 @@ class WeightedFusion(nn.Module):
         self.num_inputs = num_inputs
         self.eps = float(eps)
         self.mode = mode
-        self.weight = nn.Parameter(torch.empty(num_inputs, device=device, dtype=dtype))
+        weight = torch.empty(num_inputs, device=device, dtype=dtype)
+        if mode == "sum":
+            self.register_buffer("weight", weight)
+        else:
+            self.weight = nn.Parameter(weight)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Set every weight to 1 (EfficientDet's initial equal fusion)."""
-        nn.init.ones_(self.weight)
+        with torch.no_grad():
+            self.weight.fill_(1.0)
 
     def fusion_weights(self) -> Tensor:
         """The float32 factor applied to each input (all ones in ``"sum"`` mode)."""

@@ -1,5 +1,6 @@
 """Learnable image resizer (Talebi & Milanfar, "Learning to Resize Images for Computer
-Vision Tasks", ICCV 2021, Fig. 2), optionally with CBAM in its residual blocks (seed 003).
+Vision Tasks", ICCV 2021, Fig. 2), optionally with CBAM (Woo et al. 2018) in its residual
+blocks.
 
 The output is the input resized by plain interpolation plus a learned residual computed
 from features resized by the same interpolation, so at any initialisation the network
@@ -21,19 +22,17 @@ State-dict layout (submodule names are API)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dilconv._checks import check_choice, check_feature_map, check_positive, pair
+from dilconv._layers import ActLayer, NormLayer, create_act, create_norm
 from dilconv.attention import CBAM
 
 __all__ = ["LearnableResizer"]
-
-NormLayer = Callable[..., nn.Module]
-ActLayer = Callable[..., nn.Module]
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 ATTENTIONS = (None, "cbam")
@@ -46,17 +45,17 @@ class _ResBlock(nn.Module):
     def __init__(
         self,
         channels: int,
-        norm_layer: NormLayer,
-        act_layer: ActLayer,
+        norm_layer: NormLayer | None,
+        act_layer: ActLayer | None,
         attention: str | None,
         dd: dict,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, **dd)
-        self.bn1 = norm_layer(channels, **dd)
-        self.act = act_layer()
+        self.bn1 = create_norm(norm_layer, channels, **dd)
+        self.act = create_act(act_layer)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, **dd)
-        self.bn2 = norm_layer(channels, **dd)
+        self.bn2 = create_norm(norm_layer, channels, **dd)
         self.attn = CBAM(channels, norm_layer=norm_layer, **dd) if attention == "cbam" else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -82,7 +81,7 @@ class LearnableResizer(nn.Module):
     (``align_corners=False`` for bilinear and bicubic, no antialiasing), so the resizer goes
     up or down between any sizes. Each residual block is 3x3 conv, norm, act, 3x3 conv,
     norm, plus its input; ``attention="cbam"`` applies a :class:`~dilconv.CBAM` of n
-    channels to the block's residual branch before the addition (seed 003's Resizer_CBAM).
+    channels to the block's residual branch before the addition.
     Convolutions have a bias. The default configuration has 12,083 parameters
     (12,232 with ``attention="cbam"``).
 
@@ -96,8 +95,10 @@ class LearnableResizer(nn.Module):
             ``torch.onnx.export(..., dynamo=True)``; the TorchScript exporter refuses it
             unless the input size is a multiple of the output size.
         attention: ``None`` or ``"cbam"``.
-        norm_layer: called as ``norm_layer(num_features, device=..., dtype=...)``.
-        act_layer: activation class called with no arguments; LeakyReLU(0.2) by default.
+        norm_layer: norm class or factory, called as ``norm_layer(num_features)``; ``None``
+            for no norm.
+        act_layer: activation class or factory (in place where it takes ``inplace``);
+            LeakyReLU(0.2) by default.
 
     Shape:
         input (N, in_channels, H, W) -> output (N, in_channels, H_out, W_out), where
@@ -126,8 +127,8 @@ class LearnableResizer(nn.Module):
         interpolation: str = "bilinear",
         attention: str | None = None,
         *,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: ActLayer = LEAKY_RELU,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
+        act_layer: ActLayer | None = LEAKY_RELU,
         device=None,
         dtype=None,
     ) -> None:
@@ -149,13 +150,13 @@ class LearnableResizer(nn.Module):
         self.attention = attention
         self.stem_conv = nn.Conv2d(in_channels, n, 7, padding=3, **dd)
         self.stem_proj = nn.Conv2d(n, n, 1, **dd)
-        self.stem_norm = norm_layer(n, **dd)
-        self.act = act_layer()
+        self.stem_norm = create_norm(norm_layer, n, **dd)
+        self.act = create_act(act_layer)
         self.blocks = nn.Sequential(
             *(_ResBlock(n, norm_layer, act_layer, attention, dd) for _ in range(num_res_blocks))
         )
         self.tail_conv = nn.Conv2d(n, n, 3, padding=1, **dd)
-        self.tail_norm = norm_layer(n, **dd)
+        self.tail_norm = create_norm(norm_layer, n, **dd)
         self.out_conv = nn.Conv2d(n, in_channels, 7, padding=3, **dd)
 
     def _resize(self, x: Tensor, size: tuple[int, int]) -> Tensor:

@@ -1,7 +1,9 @@
-"""Learned 2x (or sx) up-sampling with a transposed convolution (seed 001's FPN variant).
+"""Learned up-sampling with a transposed convolution (Lin et al. 2017's FPN with the fixed
+interpolation of its top-down path replaced by a learned one).
 
 A ``ConvTranspose2d`` with kernel = stride = ``scale`` and no padding maps H to exactly
-``scale * H`` (Dumoulin & Visin 2016: H_out = (H_in - 1) S - 2P + D (K - 1) + output_padding + 1).
+``scale * H`` (Dumoulin & Visin 2016, relationship 14:
+H_out = (H_in - 1) S - 2P + D (K - 1) + output_padding + 1).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive, pair
+from dilconv._layers import NormLayer, conv_bias, create_norm
 
 __all__ = ["TransposedConvUpsampler", "resize_to"]
 
@@ -23,22 +26,27 @@ def resize_to(x: Tensor, like: Tensor, mode: str = "nearest") -> Tensor:
 
 
 class TransposedConvUpsampler(nn.Module):
-    """ConvTranspose2d(kernel=scale, stride=scale) followed by BatchNorm2d.
+    """ConvTranspose2d(kernel=scale, stride=scale) followed by a norm (BatchNorm2d by default).
 
     Without ``output_size`` the output is exactly ``scale * H x scale * W``. A requested
     ``output_size`` may lie anywhere in ``[scale * (H - 1) + 1, scale * H + scale - 1]`` per
     dimension, odd sizes included: a smaller target crops the bottom/right rows (where a
     stride-``scale`` down-sampling of that target would have padded), a larger one uses the
     transposed convolution's ``output_padding``. These are the sizes a stride-``scale``
-    down-sampling can have come from; anything else raises ``ValueError``.
+    down-sampling can have come from; anything else raises ``ValueError``. The convolution is
+    always called as a module (``self.conv(x)``), so hooks, tracing and module swaps see it;
+    the exact ``scale * H x scale * W`` case costs nothing beyond the convolution.
+
+    State dict: ``conv.weight`` (in_channels, out_channels, scale, scale), ``conv.bias`` only
+    without a norm, ``norm.*`` (the norm's own keys).
 
     Args:
         in_channels: channels of the input.
         out_channels: channels of the output.
         scale: up-sampling factor (kernel size and stride of the transposed convolution).
-        norm: follow the transposed convolution with ``norm_layer`` (the convolution then has
-            no bias, since the norm's shift replaces it).
-        norm_layer: called as ``norm_layer(num_features, device=..., dtype=...)``.
+        norm_layer: norm class or factory after the convolution, called as
+            ``norm_layer(out_channels)``; ``None`` for no norm, in which case the convolution
+            has a bias (with a norm its shift replaces the bias).
 
     Shape:
         input (N, in_channels, H, W) -> output (N, out_channels, scale*H, scale*W), or
@@ -52,6 +60,8 @@ class TransposedConvUpsampler(nn.Module):
         torch.Size([1, 32, 8, 10])
         >>> up(torch.randn(1, 64, 4, 5), output_size=(7, 9)).shape
         torch.Size([1, 32, 7, 9])
+        >>> TransposedConvUpsampler(8, 8, norm_layer=None).conv.bias.shape
+        torch.Size([8])
     """
 
     def __init__(
@@ -59,9 +69,8 @@ class TransposedConvUpsampler(nn.Module):
         in_channels: int,
         out_channels: int,
         scale: int = 2,
-        norm: bool = True,
         *,
-        norm_layer=nn.BatchNorm2d,
+        norm_layer: NormLayer | None = nn.BatchNorm2d,
         device=None,
         dtype=None,
     ) -> None:
@@ -74,9 +83,9 @@ class TransposedConvUpsampler(nn.Module):
         self.out_channels = out_channels
         self.scale = scale
         self.conv = nn.ConvTranspose2d(
-            in_channels, out_channels, scale, stride=scale, bias=not norm, **dd
+            in_channels, out_channels, scale, stride=scale, bias=conv_bias(norm_layer), **dd
         )
-        self.norm = norm_layer(out_channels, **dd) if norm else nn.Identity()
+        self.norm = create_norm(norm_layer, out_channels, **dd)
 
     def forward(self, x: Tensor, output_size: int | Sequence[int] | None = None) -> Tensor:
         check_feature_map(x, channels=self.in_channels, name=type(self).__name__)
@@ -91,14 +100,16 @@ class TransposedConvUpsampler(nn.Module):
                     f"TransposedConvUpsampler(scale={s}) can produce sizes {low}..{high} from "
                     f"an input of size {size_in}, got output_size {tuple(target)}"
                 )
-        # With kernel = stride = scale and no padding, output row o sees input row o // scale
-        # only, so the rows past scale * H that output_padding would add hold the bias alone.
-        # Zero-padding by scale - 1 and cropping gives every target the same way, without an
-        # output_padding that depends on the input size (exporters need it static).
-        out = F.conv_transpose2d(x, self.conv.weight, stride=s)
-        out = F.pad(out, (0, s - 1, 0, s - 1))[..., : target[0], : target[1]]
-        if self.conv.bias is not None:
-            out = out + self.conv.bias.view(-1, 1, 1)
+        exact = [s * size for size in x.shape[-2:]]
+        grown = [max(t, e) for t, e in zip(target, exact)]
+        if grown == exact:
+            out = self.conv(x)
+        else:
+            # output_padding adds rows past scale * H; with kernel = stride = scale they see no
+            # input, so they hold the bias alone, as a larger transposed convolution would.
+            out = self.conv(x, output_size=grown)
+        if grown != list(target):
+            out = out[..., : target[0], : target[1]]
         return self.norm(out)
 
     def extra_repr(self) -> str:
