@@ -45,14 +45,22 @@ def _takes(params: dict[str, inspect.Parameter] | None, name: str) -> bool:
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _check_factory(name: str, value: object, expected: str) -> None:
+    # A module instance is callable too, but calling it would run it on the channel count.
+    if isinstance(value, nn.Module):
+        raise TypeError(
+            f"{name} must be {expected} or None, got the instance {value!r}; pass its class "
+            f"({type(value).__name__}) or a functools.partial of it"
+        )
+    if not callable(value):
+        raise TypeError(f"{name} must be {expected} or None, got {value!r}")
+
+
 def create_act(act_layer: ActLayer | None) -> nn.Module:
     """Build one activation module from ``act_layer`` (see the module docstring)."""
     if act_layer is None:
         return nn.Identity()
-    if not callable(act_layer):
-        raise TypeError(
-            f"act_layer must be an activation class or factory (e.g. nn.ReLU), got {act_layer!r}"
-        )
+    _check_factory("act_layer", act_layer, "an activation class or factory (e.g. nn.ReLU)")
     fixed = act_layer.keywords if isinstance(act_layer, functools.partial) else {}
     params = _parameters(act_layer)
     if params is not None and "inplace" in params and "inplace" not in fixed:
@@ -66,11 +74,7 @@ def create_norm(
     """Build one norm over ``num_features`` channels from ``norm_layer`` (see the module doc)."""
     if norm_layer is None:
         return nn.Identity()
-    if not callable(norm_layer):
-        raise TypeError(
-            "norm_layer must be a norm class or factory (e.g. nn.BatchNorm2d) or None, "
-            f"got {norm_layer!r}"
-        )
+    _check_factory("norm_layer", norm_layer, "a norm class or factory (e.g. nn.BatchNorm2d)")
     if device is None and dtype is None:
         return norm_layer(num_features)
     params = _parameters(norm_layer)
