@@ -41,6 +41,22 @@ def test_every_module_declares_all():
         assert isinstance(getattr(module, "__all__", None), list), info.name
 
 
+def test_receptive_field_tools_live_in_the_analytic_field_module():
+    module = importlib.import_module("dilconv.analytic_field")
+    assert inspect.ismodule(module)
+    assert module.receptive_field is dilconv.receptive_field
+
+
+def test_no_public_name_shadows_a_submodule():
+    # `from dilconv.x import x` in __init__ rebinds dilconv.x, so `import dilconv.x as m`
+    # would give the function instead of the module.
+    submodules = sorted(info.name for info in pkgutil.iter_modules(dilconv.__path__))
+    shadowed = set(submodules) & set(PUBLIC)
+    assert not shadowed, f"public names that hide the submodule of the same name: {shadowed}"
+    for name in submodules:
+        assert getattr(dilconv, name) is importlib.import_module(f"dilconv.{name}"), name
+
+
 def test_version_matches_package_metadata():
     from importlib.metadata import version
 

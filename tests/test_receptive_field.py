@@ -265,6 +265,32 @@ def test_swapping_the_spatial_axes_is_refused():
         receptive_field(net, (16, 16))
 
 
+PAD_LAYERS = {"reflect": nn.ReflectionPad2d, "replicate": nn.ReplicationPad2d,
+              "circular": nn.CircularPad2d}
+
+
+@pytest.mark.parametrize("mode", sorted(PAD_LAYERS))
+def test_padding_mode_does_not_change_the_field(mode):
+    def net(padding_mode: str) -> nn.Module:
+        pad = nn.ZeroPad2d if padding_mode == "zeros" else PAD_LAYERS[padding_mode]
+        # Asymmetric padding, a stride and an even kernel, so that a wrong shift moves ``start``.
+        return nn.Sequential(
+            nn.Conv2d(1, 2, 3, stride=2, padding=(1, 2), dilation=(1, 2),
+                      padding_mode=padding_mode),
+            nn.Conv2d(2, 2, (2, 4), padding=(1, 2), padding_mode=padding_mode),
+            pad((2, 0, 1, 3)),
+            nn.Conv2d(2, 1, 3),
+        )
+
+    zeros = receptive_field(net("zeros"), (33, 33))
+    assert zeros.start != (0, 0)
+    assert receptive_field(net(mode), (33, 33)) == zeros
+    assert layer_receptive_fields(net(mode), (33, 33)) == layer_receptive_fields(
+        net("zeros"), (33, 33)
+    )
+    assert assert_agree(net(mode), (33, 33), 1) == zeros
+
+
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2), (2, 4)])
 def test_dilated_bottleneck_agrees(stride, dilation):
     assert_agree(DilatedBottleneck(8, 4, stride=stride, dilation=dilation), (40, 40), 8)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-# [fusion-bifpn imports]
+from dilconv.analytic_field import ReceptiveField, layer_receptive_fields, receptive_field
 from dilconv.attention import CBAM, ChannelAttention, SpatialAttention
 from dilconv.bifpn import BiFPN, BiFPNLayer
 from dilconv.bottleneck import DilatedBasicBlock, DilatedBottleneck
-
-# [attention-resizer imports]
 from dilconv.context import ContextModule, identity_init_
 from dilconv.effective_field import (
     effective_receptive_field,
@@ -17,40 +15,37 @@ from dilconv.effective_field import (
 )
 from dilconv.fpn import FPNNeck
 from dilconv.fusion import WeightedFusion
-from dilconv.receptive_field import ReceptiveField, layer_receptive_fields, receptive_field
 from dilconv.resizer import LearnableResizer
 from dilconv.resnet import DilatedResNet
 from dilconv.upsample import TransposedConvUpsampler
 
-# [context imports]
-# [receptive-field imports]
-
 __version__ = "0.1.0"
 
 __all__ = [
+    # backbones and their blocks
     "DilatedBasicBlock",
     "DilatedBottleneck",
     "DilatedResNet",
-    "FPNNeck",
-    "TransposedConvUpsampler",
+    # necks, fusion and up-sampling
     "BiFPN",
     "BiFPNLayer",
+    "FPNNeck",
+    "TransposedConvUpsampler",
     "WeightedFusion",
-    # [fusion-bifpn names]
+    # attention and resizing
     "CBAM",
     "ChannelAttention",
     "LearnableResizer",
     "SpatialAttention",
-    # [attention-resizer names]
+    # context aggregation
     "ContextModule",
     "identity_init_",
-    # [context names]
+    # receptive fields: analytic (analytic_field) and measured (effective_field)
     "ReceptiveField",
+    "layer_receptive_fields",
+    "receptive_field",
     "effective_receptive_field",
     "empirical_receptive_field",
     "gradient_map",
     "gridding_holes",
-    "layer_receptive_fields",
-    "receptive_field",
-    # [receptive-field names]
 ]

@@ -5,7 +5,7 @@ pixel that each index along that axis depends on (an :class:`_Axis`), extended l
 axis' jump beyond the tensor's border so that fields are not clipped by the image. Each ATen
 operation maps those intervals through its exact index arithmetic (``_window`` for convolution
 and pooling, ``_transposed``, ``_interpolated`` with PyTorch's own float index computation,
-``_adaptive``); merges take the union; see :mod:`dilconv.receptive_field` for the conventions.
+``_adaptive``); merges take the union; see :mod:`dilconv.analytic_field` for the conventions.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__: list[str] = []  # private to dilconv.receptive_field and dilconv.effective_field
+__all__: list[str] = []  # private to dilconv.analytic_field and dilconv.effective_field
 
 aten = torch.ops.aten
 
@@ -178,6 +180,23 @@ _UPSAMPLES = {
     aten.upsample_nearest2d: "nearest", aten._upsample_nearest_exact2d: "nearest-exact",
     aten.upsample_bilinear2d: "bilinear", aten.upsample_bicubic2d: "bicubic",
 }
+
+
+class _CircularAsConstant(TorchFunctionMode):
+    """Follows circular padding as constant padding of the same widths.
+
+    ATen builds circular padding (``F.pad(mode="circular")``, a convolution's
+    ``padding_mode="circular"``) by writing slices of the input into a new tensor, which the
+    tracer cannot follow. Under the border-free convention the values a padded pixel takes do
+    not matter, only how far the padding shifts the indices: reflection and replication padding
+    are followed that way too (``aten.reflection_pad2d``, ``aten.replication_pad2d``).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.pad and (args[2] if len(args) > 2 else kwargs.get("mode")) == "circular":
+            return F.pad(args[0], args[1] if len(args) > 1 else kwargs["pad"])
+        return func(*args, **kwargs)
 
 
 class _Tracer(TorchDispatchMode):

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from dilconv._checks import check_choice, check_positive
 from dilconv._field_trace import _two
-from dilconv.receptive_field import (
+from dilconv.analytic_field import (
     OutputIndex,
     ReceptiveField,
     _number,

@@ -34,8 +34,8 @@ class FPNNeck(nn.Module):
 
     State dict (public API): ``lateral.{i}`` and ``smooth.{i}`` are ``nn.Conv2d`` with bias,
     ``i`` counting levels fine to coarse; with ``smooth_top=False`` ``smooth`` has one entry
-    fewer (the coarsest level is left unsmoothed, the layout of kuangliu/pytorch-fpn that the
-    Dilated-FPN study's Table 1 counts). With ``upsample="transposed"``, ``upsample.{i}`` is the
+    fewer (the coarsest level is left unsmoothed, the layout of the widely copied
+    kuangliu/pytorch-fpn implementation). With ``upsample="transposed"``, ``upsample.{i}`` is the
     :class:`TransposedConvUpsampler` taking level ``i + 1`` to level ``i``. With a
     ``norm_layer``, ``lateral_norm.{i}`` and ``smooth_norm.{i}`` follow the convolutions, which
     then have no bias (without one these lists hold parameter-free ``nn.Identity``).

@@ -22,7 +22,9 @@ Conventions (per axis, in input pixels, origin at the centre of pixel 0):
       multiple, the finest is reported);
     * ``size``: number of input pixels from the first to the last one the output pixel reaches,
       ignoring the image border: every tensor's intervals are extended by its jump beyond its
-      edges, so an input smaller than the field still gives the field of an unclipped pixel;
+      edges, so an input smaller than the field still gives the field of an unclipped pixel.
+      The padding mode (``"zeros"``, ``"reflect"``, ``"replicate"``, ``"circular"``) decides
+      only what the taps beyond the border read, so it changes neither ``size`` nor ``start``;
     * ``start``: the centre of the field of output pixel 0, so that the field of pixel ``i`` is
       centred on ``start + i * jump``.
 
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from dilconv._checks import check_positive, pair
-from dilconv._field_trace import _Axis, _Refused, _Tracer
+from dilconv._field_trace import _Axis, _CircularAsConstant, _Refused, _Tracer
 
 __all__ = ["ReceptiveField", "layer_receptive_fields", "receptive_field"]
 
@@ -60,7 +62,7 @@ class ReceptiveField:
     centre of the input.
 
     Example:
-        >>> from dilconv.receptive_field import ReceptiveField
+        >>> from dilconv import ReceptiveField
         >>> rf = ReceptiveField(size=(7, 7), jump=(2, 2), start=(0.5, 0.5))
         >>> rf.box((3, 0))
         ((3.5, 9.5), (-2.5, 3.5))
@@ -181,7 +183,7 @@ def _run(copy: nn.Module, channels: int, size: tuple[int, int], body: Callable):
     x = torch.zeros(1, channels, *size, **_like(copy))
     tracer.mark(x, tuple(_Axis(torch.arange(n).double(), torch.arange(n).double(), Fraction(1))
                          for n in size))
-    with torch.no_grad(), tracer:
+    with torch.no_grad(), _CircularAsConstant(), tracer:
         return body(copy, tracer, x, size)
 
 
