@@ -164,6 +164,9 @@ BLOCK_CASES = [
     Case("bifpn_softmax_mapping", lambda **dd: BiFPN(
         LEVELS, 8, num_layers=1, fusion="softmax", extra_level=True, **dd),
         pyramid(LEVELS, KEYS), kind="pyramid", skip=VARIANT),
+    Case("bifpn_p3_p7_effdet_order", lambda **dd: BiFPN(
+        LEVELS, 8, num_layers=1, num_levels=5, node_order="act_conv_norm",
+        **dd), pyramid(LEVELS, KEYS), kind="pyramid", size=(2, 33, 31), skip=VARIANT),
     Case("bifpn_layer", lambda **dd: BiFPNLayer(4, num_levels=3, **dd), pyramid([4, 4, 4]),
          kind="pyramid", skip=COMPILED_ELSEWHERE),
     # An unweighted sum: the fusion weights are buffers, so every parameter gets a gradient.

@@ -238,3 +238,94 @@ def test_channels_last():
     out = neck([x.to(memory_format=torch.channels_last) for x in maps])
     for a, b in zip(out, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# EfficientDet's new coarser levels (num_levels) and node order --------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    in_channels=st.lists(st.integers(1, 9), min_size=2, max_size=3),
+    new=st.integers(0, 3),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    channels=st.integers(1, 6),
+)
+def test_new_levels_halve_the_coarsest_input(in_channels, new, height, width, channels):
+    levels = len(in_channels) + new
+    sizes = pyramid_sizes(height, width, levels)
+    neck = BiFPN(in_channels, channels, num_layers=1, num_levels=levels)
+    out = neck(make_maps(in_channels, sizes[: len(in_channels)]))
+    assert shapes(out) == [(2, channels, h, w) for h, w in sizes]
+    assert all(layer.num_levels == levels for layer in neck.layers)
+
+
+@pytest.mark.parametrize("c5", [320, 64], ids=["project", "same-channels"])
+def test_new_levels_are_made_the_efficientdet_way(c5):
+    torch.manual_seed(0)
+    neck = BiFPN([40, 112, c5], 64, num_layers=1, num_levels=5).eval()
+    first, second = neck.extra
+    assert (first.conv is None) == (c5 == 64) and second.conv is None
+    x = torch.randn(1, c5, 9, 11)
+    with torch.no_grad():
+        p6 = x if first.conv is None else first.norm(first.conv(x))
+        p6 = F.max_pool2d(p6, 3, stride=2, padding=1)
+        p7 = F.max_pool2d(p6, 3, stride=2, padding=1)
+        torch.testing.assert_close(first(x), p6)
+        torch.testing.assert_close(second(first(x)), p7)
+
+
+def test_new_levels_take_part_in_every_layer():
+    neck = BiFPN([3, 5], 4, num_layers=2, num_levels=4).train()
+    maps = make_maps([3, 5], pyramid_sizes(16, 16, 2))
+    neck(maps)[0].sum().backward()  # the finest output depends on the new levels only via layers
+    assert neck.extra[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_p3_p7_keys_and_state_dict():
+    neck = BiFPN({"c3": 40, "c4": 112, "c5": 320}, 64, num_layers=1, num_levels=5,
+                 extra_level=True)
+    feats = dict(zip(["c3", "c4", "c5"], make_maps([40, 112, 320], pyramid_sizes(32, 40, 3))))
+    assert list(neck(feats)) == ["c3", "c4", "c5", "c6", "c7", "pool"]
+    keys = set(neck.state_dict())
+    assert {"extra.0.conv.weight", "extra.0.norm.running_mean"} <= keys
+    assert not any(k.startswith("extra.1.") for k in keys)
+    assert "extra.0.conv.bias" not in keys  # the norm's shift replaces it
+    plain = BiFPN([4, 4], 4, num_layers=1, num_levels=3)
+    out = plain({"a": torch.randn(1, 4, 8, 8), "b": torch.randn(1, 4, 4, 4)})
+    assert list(out) == ["a", "b", "level2"]
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: BiFPN([4, 8, 16], 8, num_levels=2), "num_levels must be at least"),
+        (lambda: BiFPN({"x1": 4, "x2": 8, "x3": 8}, 8, num_levels=4,
+                       node_order="conv_act_norm"), "node_order"),
+    ],
+)
+def test_bad_levels_and_order_are_refused(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_colliding_new_key_is_refused():
+    with pytest.raises(ValueError, match="collide"):
+        BiFPN({"c6": 4, "c5": 8}, 8, num_levels=3)
+
+
+@pytest.mark.parametrize("order", ["conv_norm_act", "act_conv_norm"])
+def test_node_order(order):
+    torch.manual_seed(0)
+    layer = BiFPNLayer(4, num_levels=2, node_order=order).eval()
+    maps = make_maps([4, 4], [(6, 6), (3, 3)], batch=1)
+    node = layer.top_down[0]
+    with torch.no_grad():
+        fused = node.fusion([maps[0], F.interpolate(maps[1], size=(6, 6))])
+        conv = lambda x: node.pointwise(node.depthwise(x))  # noqa: E731
+        expected = (node.norm(conv(F.silu(fused))) if order == "act_conv_norm"
+                    else F.silu(node.norm(conv(fused))))
+        got = layer(maps)
+    torch.testing.assert_close(got[0], expected)
+    # Same parameters and keys in either order.
+    assert set(layer.state_dict()) == set(BiFPNLayer(4, num_levels=2).state_dict())

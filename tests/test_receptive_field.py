@@ -338,6 +338,17 @@ def test_bifpn_agrees(level):
     assert_agree(net, (96, 96), 3, level, phased=True)
 
 
+def test_bifpn_with_new_levels_agrees():
+    # P6 and P7 (max-pooled from the coarsest input) feed every fusion layer, so they widen
+    # even the finest level's field; measured and analytic agree on it.
+    neck = BiFPN([4, 4, 4], 4, num_layers=1, num_levels=5, node_order="act_conv_norm")
+    rf = assert_agree(Pyramid(neck), (128, 128), 3, 0, phased=True)
+    three = Pyramid(BiFPN([4, 4, 4], 4, num_layers=1))
+    assert rf.size[0] > receptive_field(three, (128, 128), in_channels=3, output_index=0).size[0]
+    p7 = receptive_field(Pyramid(neck), (256, 256), in_channels=3, output_index=4)
+    assert p7.jump == (32, 32)
+
+
 def test_spatial_attention_agrees():
     rf = assert_agree(SpatialAttention(7), (24, 24), 4)
     assert rf.size == (7, 7)

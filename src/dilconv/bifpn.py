@@ -8,6 +8,7 @@ unweighted sums of an FPN's top-down path (Lin et al. 2017) with learned, normal
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
@@ -24,7 +25,12 @@ from dilconv._layers import ActLayer, NormLayer, conv_bias, create_act, create_n
 from dilconv.fusion import FUSION_MODES, WeightedFusion
 from dilconv.upsample import resize_to
 
-__all__ = ["BiFPN", "BiFPNLayer"]
+__all__ = ["BiFPN", "BiFPNLayer", "NODE_ORDERS"]
+
+NODE_ORDERS = ("conv_norm_act", "act_conv_norm")
+"""Order of the operations after each fusion: the paper's text (sec. 3.3: separable conv,
+batch norm, activation) or the official implementation's, which effdet ports (activation,
+separable conv, batch norm)."""
 
 Features = Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -43,7 +49,8 @@ def _downsample_to(x: Tensor, like: Tensor) -> Tensor:
 
 
 class _FusionNode(nn.Module):
-    """One BiFPN node: weighted fusion -> depthwise 3x3 -> pointwise 1x1 -> norm -> act."""
+    """One BiFPN node: weighted fusion -> depthwise 3x3 -> pointwise 1x1 -> norm -> act, or
+    fusion -> act -> depthwise -> pointwise -> norm (``order="act_conv_norm"``)."""
 
     def __init__(
         self,
@@ -54,9 +61,11 @@ class _FusionNode(nn.Module):
         fusion: str,
         act_layer: ActLayer | None,
         norm_layer: NormLayer | None,
+        order: str,
         dd: dict,
     ) -> None:
         super().__init__()
+        self.act_first = order == "act_conv_norm"
         self.fusion = WeightedFusion(num_inputs, eps=eps, mode=fusion, **dd)
         self.depthwise = nn.Conv2d(
             channels, channels, 3, padding=1, groups=channels, bias=False, **dd
@@ -66,7 +75,46 @@ class _FusionNode(nn.Module):
         self.act = create_act(act_layer)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        return self.act(self.norm(self.pointwise(self.depthwise(self.fusion(inputs)))))
+        x = self.fusion(inputs)
+        if self.act_first:
+            return self.norm(self.pointwise(self.depthwise(self.act(x))))
+        return self.act(self.norm(self.pointwise(self.depthwise(x))))
+
+
+class _ExtraLevel(nn.Module):
+    """A coarser level made EfficientDet's way: 1x1 conv + norm where the channels differ, then
+    a 3x3 stride-2 max-pool (``ceil(H / 2)``, the official code's "same" padding)."""
+
+    def __init__(
+        self, in_channels: int, channels: int, norm_layer: NormLayer | None, dd: dict
+    ) -> None:
+        super().__init__()
+        self.conv: nn.Module | None = None
+        self.norm: nn.Module | None = None
+        if in_channels != channels:
+            self.conv = nn.Conv2d(in_channels, channels, 1, bias=conv_bias(norm_layer), **dd)
+            self.norm = create_norm(norm_layer, channels, **dd)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.conv is not None and self.norm is not None:
+            x = self.norm(self.conv(x))
+        return self.pool(x)
+
+
+def _new_level_keys(keys: list[str], count: int) -> list[str]:
+    """Keys of ``count`` new coarser levels: the last key's trailing number counted on
+    (``"c5"`` -> ``"c6"``, ``"c7"``), or ``"level{i}"`` with ``i`` the level's index."""
+    match = re.fullmatch(r"(.*?)(\d+)", keys[-1])
+    if match:
+        stem, number = match.group(1), int(match.group(2))
+        new = [f"{stem}{number + k}" for k in range(1, count + 1)]
+    else:
+        new = [f"level{len(keys) + k}" for k in range(count)]
+    taken = set(keys) & set(new)
+    if taken:
+        raise ValueError(f"BiFPN's new level keys {new} collide with input keys {sorted(taken)}")
+    return new
 
 
 class BiFPNLayer(nn.Module):
@@ -99,6 +147,10 @@ class BiFPNLayer(nn.Module):
         act_layer: activation class or factory (in place where it takes ``inplace``);
             EfficientDet uses swish (``nn.SiLU``).
         norm_layer: norm class or factory, called as ``norm_layer(C)``; ``None`` for no norm.
+        node_order: what follows each fusion. ``"conv_norm_act"`` (default): separable conv,
+            norm, activation, as the paper's sec. 3.3 describes. ``"act_conv_norm"``:
+            activation, separable conv, norm, as the official implementation and effdet's
+            ``BiFpn`` compute it. Same parameters and state_dict keys either way.
 
     Shape:
         input: L maps (N, C, H_i, W_i), as a sequence fine to coarse or a mapping name -> map
@@ -124,6 +176,7 @@ class BiFPNLayer(nn.Module):
         fusion: str = "fast",
         act_layer: ActLayer | None = nn.SiLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
+        node_order: str = "conv_norm_act",
         device=None,
         dtype=None,
     ) -> None:
@@ -131,9 +184,11 @@ class BiFPNLayer(nn.Module):
         check_positive("channels", channels)
         check_positive("num_levels", num_levels, minimum=2)
         check_choice("fusion", fusion, FUSION_MODES)
+        check_choice("node_order", node_order, NODE_ORDERS)
         dd = {"device": device, "dtype": dtype}
         node_kwargs = {"eps": eps, "fusion": fusion, "act_layer": act_layer,
-                       "norm_layer": norm_layer, "dd": dd}
+                       "norm_layer": norm_layer, "order": node_order, "dd": dd}
+        self.node_order = node_order
         self.channels = channels
         self.out_channels = channels
         self.num_levels = num_levels
@@ -162,16 +217,24 @@ class BiFPNLayer(nn.Module):
         return out if keys is None else dict(zip(keys, out, strict=True))
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, num_levels={self.num_levels}, fusion={self.fusion!r}"
+        return (
+            f"channels={self.channels}, num_levels={self.num_levels}, fusion={self.fusion!r}, "
+            f"node_order={self.node_order!r}"
+        )
 
 
 class BiFPN(nn.Module):
-    """EfficientDet's BiFPN neck: per-level input projections, then repeated BiFPN layers.
+    """EfficientDet's BiFPN neck: input projections, new coarser levels, repeated BiFPN layers.
 
     Every level whose channel count differs from ``channels`` first goes through a 1x1
     convolution (no bias unless ``norm_layer`` is ``None``: the norm's shift replaces it) and
     ``norm_layer``; the others pass
-    unchanged. ``num_layers`` :class:`BiFPNLayer` follow. With ``extra_level=True`` one coarser
+    unchanged. With ``num_levels`` above the number of inputs, the missing coarser levels are
+    made as EfficientDet makes P6 and P7 from C5 (fig. 3): from the coarsest *input*, a 1x1
+    convolution + ``norm_layer`` where its channels differ from ``channels``, then a 3x3
+    stride-2 max-pool; each further level max-pools the one before. They take part in every
+    layer, so ``BiFPN([40, 112, 320], 64, num_levels=5)`` turns C3-C5 into P3-P7.
+    ``num_layers`` :class:`BiFPNLayer` follow. With ``extra_level=True`` one coarser
     level, ``max_pool2d(coarsest output, kernel_size=1, stride=2)``, is appended after the last
     layer, as torchvision's ``LastLevelMaxPool`` does (keyed ``"pool"`` for mappings).
 
@@ -180,21 +243,32 @@ class BiFPN(nn.Module):
     - ``projections.{i}`` for each input level i: ``nn.Identity`` (no parameters) or an
       ``nn.Sequential`` of ``0`` (the 1x1 conv, ``projections.{i}.0.weight``) and ``1``
       (``norm_layer``, ``projections.{i}.1.*``);
+    - ``extra.{j}`` for each new level j (``num_levels`` - inputs of them): ``conv.weight``
+      and ``norm.*`` where it changes the channels (only ``extra.0`` can), and a ``pool``
+      without parameters;
     - ``layers.{k}`` for k = 0 .. num_layers-1: a :class:`BiFPNLayer` (see its keys).
+
+    Output keys (mapping input): the input's keys, then one per new level, counting on the last
+    key's trailing number (``"c5"`` -> ``"c6"``, ``"c7"``; ``"5"`` -> ``"6"``, ``"7"``) or
+    ``"level{i}"`` (i the level's index from 0) when it has none, then ``"pool"`` for
+    ``extra_level``.
 
     Args:
         in_channels: channels of each input level, fine to coarse; at least 2 levels. A
             mapping name -> channels also fixes the names the input mapping must have.
         channels: C, channels of every output level.
         num_layers: number of stacked :class:`BiFPNLayer`.
+        num_levels: levels the layers fuse, at least the number of inputs (the default);
+            EfficientDet uses 5 (P3-P7) from 3 backbone levels (C3-C5).
         extra_level: append one coarser, max-pooled level to the output.
-        eps, fusion, act_layer, norm_layer: passed to every :class:`BiFPNLayer`
-            (``norm_layer`` also follows each projection).
+        eps, fusion, act_layer, norm_layer, node_order: passed to every :class:`BiFPNLayer`
+            (``norm_layer`` also follows each projection and new level's 1x1 convolution).
 
     Shape:
         input: L maps (N, in_channels[i], H_i, W_i), as a sequence fine to coarse or a mapping
-        name -> map -> output: the same kind of container with L maps (N, C, H_i, W_i) (plus
-        (N, C, ceil(H_{L-1} / 2), ceil(W_{L-1} / 2)) with ``extra_level``)
+        name -> map -> output: the same kind of container with L maps (N, C, H_i, W_i), then
+        ``num_levels - L`` maps each (N, C, ceil(H / 2), ceil(W / 2)) of the one before, (plus
+        one more (N, C, ceil(H / 2), ceil(W / 2)) of the coarsest with ``extra_level``)
 
     Example:
         >>> import torch
@@ -207,6 +281,9 @@ class BiFPN(nn.Module):
         ['c3', 'c4', 'c5', 'pool']
         >>> [tuple(v.shape) for v in out.values()]
         [(1, 64, 32, 40), (1, 64, 16, 20), (1, 64, 8, 10), (1, 64, 4, 5)]
+        >>> p3_p7 = BiFPN([40, 112, 320], 64, num_levels=5)(feats)
+        >>> {key: tuple(v.shape[-2:]) for key, v in p3_p7.items()}
+        {'c3': (32, 40), 'c4': (16, 20), 'c5': (8, 10), 'c6': (4, 5), 'c7': (2, 3)}
     """
 
     def __init__(
@@ -215,11 +292,13 @@ class BiFPN(nn.Module):
         channels: int,
         num_layers: int = 3,
         *,
+        num_levels: int | None = None,
         extra_level: bool = False,
         eps: float = 1e-4,
         fusion: str = "fast",
         act_layer: ActLayer | None = nn.SiLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
+        node_order: str = "conv_norm_act",
         device=None,
         dtype=None,
     ) -> None:
@@ -227,10 +306,27 @@ class BiFPN(nn.Module):
         self.in_keys, self.in_channels = pyramid_channels(in_channels, min_levels=2)
         check_positive("channels", channels)
         check_positive("num_layers", num_layers)
+        inputs = len(self.in_channels)
+        if num_levels is None:
+            num_levels = inputs
+        check_positive("num_levels", num_levels)
+        if num_levels < inputs:
+            raise ValueError(
+                f"num_levels must be at least the number of input levels ({inputs}), "
+                f"got {num_levels}"
+            )
         dd = {"device": device, "dtype": dtype}
         self.out_channels = channels
         self.num_layers = num_layers
+        self.num_levels = num_levels
         self.extra_level = extra_level
+        if self.in_keys is not None:  # refuse colliding keys now rather than at the first call
+            new_keys = _new_level_keys(self.in_keys, num_levels - inputs)
+            pyramid_output_keys(self.in_keys + new_keys, extra_level, name=type(self).__name__)
+        self.extra = nn.ModuleList(
+            _ExtraLevel(self.in_channels[-1] if j == 0 else channels, channels, norm_layer, dd)
+            for j in range(num_levels - inputs)
+        )
         self.projections = nn.ModuleList(
             nn.Identity() if c == channels else nn.Sequential(
                 nn.Conv2d(c, channels, 1, bias=conv_bias(norm_layer), **dd),
@@ -240,8 +336,8 @@ class BiFPN(nn.Module):
         )
         self.layers = nn.ModuleList(
             BiFPNLayer(
-                channels, len(self.in_channels), eps=eps, fusion=fusion,
-                act_layer=act_layer, norm_layer=norm_layer, **dd,
+                channels, num_levels, eps=eps, fusion=fusion, act_layer=act_layer,
+                norm_layer=norm_layer, node_order=node_order, **dd,
             )
             for _ in range(num_layers)
         )
@@ -249,8 +345,15 @@ class BiFPN(nn.Module):
     def forward(self, features: Features) -> list[Tensor] | dict[str, Tensor]:
         name = type(self).__name__
         keys, x = check_levels(features, self.in_channels, name=name, keys=self.in_keys)
-        keys = pyramid_output_keys(keys, self.extra_level, name=name)
+        if keys is not None:
+            keys = pyramid_output_keys(
+                keys + _new_level_keys(keys, len(self.extra)), self.extra_level, name=name
+            )
         out = [project(level) for project, level in zip(self.projections, x, strict=True)]
+        coarser = x[-1]
+        for make_level in self.extra:
+            coarser = make_level(coarser)
+            out.append(coarser)
         for layer in self.layers:
             out = layer(out)
         if self.extra_level:
@@ -260,5 +363,6 @@ class BiFPN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-            f"num_layers={self.num_layers}, extra_level={self.extra_level}"
+            f"num_layers={self.num_layers}, num_levels={self.num_levels}, "
+            f"extra_level={self.extra_level}"
         )
