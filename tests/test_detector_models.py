@@ -1,0 +1,109 @@
+"""Seed 001's detector: backbone levels, the four necks' sizes, SSD train and eval steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+from examples.detector_neck.models import NECKS, backbone_levels, build_ssd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.models.feature_extraction import create_feature_extractor
+
+B0 = {"c3": 40, "c4": 112, "c5": 320}
+
+
+@pytest.fixture(scope="module")
+def b4_body():
+    net = torchvision.models.efficientnet_b4(weights=None).eval()
+    return create_feature_extractor(net, return_nodes=backbone_levels(net))
+
+
+@pytest.fixture(scope="module")
+def b0_body():
+    net = torchvision.models.efficientnet_b0(weights=None).eval()
+    return create_feature_extractor(net, return_nodes=backbone_levels(net))
+
+
+def test_b4_levels_at_the_study_size(b4_body):
+    # The deepest feature of each stride: b4's 112/160 and 272/448 stages share a stride.
+    with torch.no_grad():
+        levels = b4_body(torch.zeros(1, 3, 512, 640))
+    assert {k: tuple(v.shape[1:]) for k, v in levels.items()} == {
+        "c3": (56, 64, 80), "c4": (160, 32, 40), "c5": (448, 16, 20)}
+
+
+@settings(max_examples=4, deadline=None)
+@given(h=st.integers(33, 90), w=st.integers(33, 90), neck=st.sampled_from(sorted(NECKS)))
+def test_neck_levels_on_odd_sizes(b0_body, h, w, neck):
+    with torch.no_grad():
+        out = NECKS[neck](B0).eval()(b0_body(torch.zeros(1, 3, h, w)))
+    # Every stride-2 step of the backbone and of the new BiFPN levels gives ceil(size / 2).
+    sizes = [(h, w)]
+    while len(sizes) < 8:
+        sizes.append((math.ceil(sizes[-1][0] / 2), math.ceil(sizes[-1][1] / 2)))
+    levels = 5 if neck == "bifpn" else 3
+    assert [tuple(v.shape[-2:]) for v in out.values()] == sizes[3: 3 + levels]
+
+
+def conv(c_in: int, c_out: int, k: int, bias: bool = True) -> int:
+    return c_in * c_out * k * k + (c_out if bias else 0)
+
+
+def expected_parameters(neck: str, channels: list[int]) -> int:
+    """Each neck's parameter count from the layer shapes its design names."""
+    if neck == "width":
+        return sum(conv(c, 512, 3) + 2 * 512 for c in channels)
+    if neck.startswith("fpn"):
+        total = sum(conv(c, 256, 1) for c in channels) + len(channels) * conv(256, 256, 3)
+        if neck == "fpn_transposed":
+            total += (len(channels) - 1) * (conv(256, 256, 2, bias=False) + 2 * 256)
+        return total
+    width, levels = 64, 5
+    total = sum(conv(c, width, 1, bias=False) + 2 * width for c in channels if c != width)
+    total += conv(channels[-1], width, 1, bias=False) + 2 * width  # P6 from C5
+    node = conv(1, width, 3, bias=False) + conv(width, width, 1) + 2 * width
+    fusion_weights = 2 * (levels - 1) + 3 * (levels - 2) + 2
+    return total + 3 * (2 * (levels - 1) * node + fusion_weights)
+
+
+@pytest.mark.parametrize("neck", sorted(NECKS))
+def test_neck_parameter_count_follows_its_layers(neck):
+    module = NECKS[neck](B0)
+    assert sum(p.numel() for p in module.parameters()) == expected_parameters(neck, [*B0.values()])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("neck", sorted(NECKS))
+def test_ssd_train_and_eval_steps(neck):
+    torch.manual_seed(0)
+    model = build_ssd(neck, num_classes=4, image_size=(96, 112), backbone="efficientnet_b0")
+    images = [torch.rand(3, 96, 112), torch.rand(3, 80, 120)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model.train()(images, targets)
+    assert set(losses) == {"bbox_regression", "classification"}
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    assert len(detections) == 2
+    for det, image in zip(detections, images, strict=True):
+        assert set(det) == {"boxes", "labels", "scores"}
+        assert det["boxes"].shape[1] == 4
+        assert (det["boxes"][:, 2] <= image.shape[-1]).all()
+        assert (det["labels"] >= 1).all() and (det["labels"] < 4).all()
+    levels = 5 if neck == "bifpn" else 3
+    assert len(model.anchor_generator.aspect_ratios) == levels
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="neck"):
+        build_ssd("fpn", 3, (64, 64), "efficientnet_b0")
+    with pytest.raises(ValueError, match="backbone"):
+        build_ssd("width", 3, (64, 64), "resnet50")
+    with pytest.raises(ValueError, match="num_classes"):
+        build_ssd("width", 1, (64, 64), "efficientnet_b0")
