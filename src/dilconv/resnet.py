@@ -1,11 +1,13 @@
 """Features-only ResNet backbone with dilation (He et al. 2016; Yu et al., DRN, 2017).
 
 Module names follow torchvision's ``ResNet`` (``conv1``, ``bn1``, ``relu``, ``maxpool``,
-``layer1`` ... ``layer4``), so :meth:`DilatedResNet.from_torchvision` is a plain state_dict copy.
+``layer1`` ... ``layer4``), so :meth:`DilatedResNet.from_torchvision` rebuilds the source's layout
+and copies its state_dict unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -18,31 +20,62 @@ __all__ = ["DilatedResNet"]
 
 _BLOCKS = {"bottleneck": DilatedBottleneck, "basic": DilatedBasicBlock}
 _OUTPUT_STRIDES = (8, 16, 32)
+# What from_torchvision reads: torchvision's ResNet trunk, and the strides its stages are built
+# with before replace_stride_with_dilation trades any of them for dilation.
+_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+_TORCHVISION_STRIDES = (1, 2, 2, 2)
 
 
-def _stage_dilations(
-    reduction: int, strides: Sequence[int], dilations: Sequence[int], output_stride: int | None
-) -> list[tuple[int, int, int]]:
-    """Per stage: (stride, dilation of the first block, dilation of the other blocks).
+def _stage_plan(
+    reduction: int,
+    strides: Sequence[int],
+    dilations: Sequence[tuple[int, ...]],
+    output_stride: int | None,
+) -> list[tuple[int, tuple[int, ...]]]:
+    """Per stage: (stride, dilation of each block).
 
     Once the running reduction would pass ``output_stride``, a stage's stride becomes 1 and its
-    dilation is multiplied by that stride; as in torchvision's ``replace_stride_with_dilation``
-    the first block of such a stage keeps the dilation the previous stage ended with.
+    blocks' dilations are multiplied by that stride; as in torchvision's
+    ``replace_stride_with_dilation`` the first block of such a stage keeps the factor the previous
+    stage ended with.
     """
     plan = []
     factor = 1
-    for stride, dilation in zip(strides, dilations):
+    for stride, base in zip(strides, dilations):
         previous = factor
         if output_stride is not None and reduction * stride > output_stride:
             factor *= stride
             stride = 1
         reduction *= stride
-        plan.append((stride, dilation * previous, dilation * factor))
+        plan.append((stride, tuple(d * (factor if i else previous) for i, d in enumerate(base))))
     return plan
+
+
+def _block_dilations(
+    dilations: Sequence[int | Sequence[int]], blocks: Sequence[int]
+) -> list[tuple[int, ...]]:
+    """``dilations`` with each stage spelled out per block (an int stands for every block)."""
+    out = []
+    for index, (value, count) in enumerate(zip(dilations, blocks)):
+        if not isinstance(value, Sequence):
+            per_block = (check_positive("dilations", value),) * count
+        elif len(value) != count:
+            raise ValueError(
+                f"dilations[{index}] must be an int or give one dilation per block "
+                f"({count}), got {tuple(value)}"
+            )
+        else:
+            per_block = tuple(value)
+        for d in per_block:
+            check_positive("dilations", d)
+        out.append(per_block)
+    return out
 
 
 class DilatedResNet(nn.Module):
     """ResNet feature extractor: a stem and residual stages, returning C2..C5 fine to coarse.
+
+    Weights start as torchvision's ``ResNet`` starts them (see :meth:`reset_parameters`).
 
     Args:
         in_channels: channels of the input image.
@@ -54,22 +87,29 @@ class DilatedResNet(nn.Module):
         planes: per stage, the width before expansion.
         blocks: per stage, the number of residual blocks.
         strides: per stage, the stride of its first block.
-        dilations: per stage, the dilation of its blocks (all of them, the first included).
+        dilations: per stage, the dilation of its blocks: an int for all of them (the first
+            included), or one int per block (the exact layout of a converted network, a
+            multi-grid); :attr:`stage_dilations` of a network is a valid value.
         block: ``"bottleneck"`` (:class:`DilatedBottleneck`, expansion 4) or ``"basic"``
             (:class:`DilatedBasicBlock`, expansion 1).
         output_stride: 8, 16 or 32: stages that would reduce the input further than this
             trade their stride for dilation (torchvision's ``replace_stride_with_dilation``,
-            timm's ``output_stride``). ``None`` keeps ``strides`` as given.
+            timm's ``output_stride``). ``None`` keeps ``strides`` and ``dilations`` as given.
         groups: groups of the bottleneck 3x3 convolutions (ResNeXt).
         width_per_group: bottleneck width per group at 64 planes (torchvision's argument):
             the 3x3 width of a stage is ``planes * width_per_group / 64 * groups``.
         norm_layer: norm class or factory, called as ``norm_layer(num_features)``
             (``FrozenBatchNorm2d`` works); ``None`` for no norm.
         act_layer: activation class or factory (in place where it supports ``inplace``).
+        zero_init_residual: start the weight of each block's last norm at 0 (``bn3`` of a
+            bottleneck, ``bn2`` of a basic block), so that every block starts as
+            ``relu(shortcut)`` (Goyal et al. 2017, section 5.1; torchvision's argument). Needs
+            a norm with a weight.
 
     Attributes:
         out_channels: channels of each returned stage.
         reductions: total down-sampling factor of each returned stage.
+        stage_dilations: per stage, the dilation of each block.
 
     Shape:
         input (N, in_channels, H, W) -> list of 4 maps (N, out_channels[i], H_i, W_i) with
@@ -81,6 +121,10 @@ class DilatedResNet(nn.Module):
         >>> net = DilatedResNet(planes=(8, 16, 32, 64), blocks=(1, 1, 1, 1), output_stride=8)
         >>> [tuple(f.shape[1:]) for f in net(torch.randn(1, 3, 64, 64))]
         [(32, 16, 16), (64, 8, 8), (128, 8, 8), (256, 8, 8)]
+        >>> net = DilatedResNet(planes=(8, 16, 32, 64), blocks=(1, 1, 3, 1), strides=(1, 2, 1, 1),
+        ...                     dilations=(1, 1, (1, 2, 4), 4), zero_init_residual=True)
+        >>> net.reductions, net.stage_dilations[2], net.layer3[0].bn3.weight.abs().sum().item()
+        ([4, 8, 8, 8], (1, 2, 4), 0.0)
     """
 
     def __init__(
@@ -95,13 +139,14 @@ class DilatedResNet(nn.Module):
         planes: Sequence[int] = (64, 128, 256, 512),
         blocks: Sequence[int] = (3, 4, 6, 3),
         strides: Sequence[int] = (1, 2, 2, 2),
-        dilations: Sequence[int] = (1, 1, 1, 1),
+        dilations: Sequence[int | Sequence[int]] = (1, 1, 1, 1),
         block: str = "bottleneck",
         output_stride: int | None = None,
         groups: int = 1,
         width_per_group: int = 64,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         act_layer: ActLayer | None = nn.ReLU,
+        zero_init_residual: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -119,9 +164,10 @@ class DilatedResNet(nn.Module):
                 "planes, blocks, strides and dilations must be non-empty and of one length, got "
                 + ", ".join(f"{k}={tuple(v)}" for k, v in stages.items())
             )
-        for key, values in stages.items():
-            for v in values:
+        for key in ("planes", "blocks", "strides"):
+            for v in stages[key]:
                 check_positive(key, v)
+        per_block = _block_dilations(dilations, blocks)
         if output_stride is not None and output_stride not in _OUTPUT_STRIDES:
             raise ValueError(
                 f"output_stride must be one of {_OUTPUT_STRIDES} or None, got {output_stride}"
@@ -137,6 +183,7 @@ class DilatedResNet(nn.Module):
         self.in_channels = in_channels
         self.block = block
         self.output_stride = output_stride
+        self.zero_init_residual = zero_init_residual
         self.conv1 = nn.Conv2d(
             in_channels, stem_channels, stem_kernel, stride=stem_stride,
             padding=stem_kernel // 2, bias=stem_bias, **dd,
@@ -146,23 +193,21 @@ class DilatedResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_pool else nn.Identity()
 
         block_cls = _BLOCKS[block]
-        plan = _stage_dilations(stem_reduction, strides, dilations, output_stride)
+        plan = _stage_plan(stem_reduction, strides, per_block, output_stride)
         channels = stem_channels
         reduction = stem_reduction
         self.out_channels: list[int] = []
         self.reductions: list[int] = []
         self.stage_dilations: list[tuple[int, ...]] = []
-        for index, (width, count, (stride, first, rest)) in enumerate(
-            zip(planes, blocks, plan), start=1
-        ):
+        for index, (width, (stride, stage_dilations)) in enumerate(zip(planes, plan), start=1):
             extra = {}
             if block == "bottleneck":
                 extra = {"groups": groups, "width": width * width_per_group // 64 * groups}
             layers = []
-            for i in range(count):
+            for i, dilation in enumerate(stage_dilations):
                 layers.append(
                     block_cls(
-                        channels, width, stride if i == 0 else 1, first if i == 0 else rest,
+                        channels, width, 1 if i else stride, dilation,
                         norm_layer=norm_layer, act_layer=act_layer, **extra, **dd,
                     )
                 )
@@ -171,13 +216,57 @@ class DilatedResNet(nn.Module):
             reduction *= stride
             self.out_channels.append(channels)
             self.reductions.append(reduction)
-            self.stage_dilations.append((first,) + (rest,) * (count - 1))
+            self.stage_dilations.append(stage_dilations)
         self.num_stages = len(planes)
+        self.reset_parameters()
 
     @property
     def stages(self) -> list[nn.Sequential]:
         """The residual stages ``layer1`` ... in order."""
         return [getattr(self, f"layer{i}") for i in range(1, self.num_stages + 1)]
+
+    def reset_parameters(self) -> None:
+        """Start the weights as torchvision's ``ResNet`` does (He et al., ICCV 2015).
+
+        Every convolution: Kaiming normal with ``mode="fan_out"`` and the ReLU gain (std
+        ``sqrt(2 / fan_out)``, the paper's backward-pass case), zero bias. Every norm: weight 1,
+        bias 0 where it has them, running statistics reset where it keeps them. With
+        ``zero_init_residual`` the weight of each block's last norm is then 0. On the meta
+        device this touches no data.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for norm in self._norms():
+            if isinstance(getattr(norm, "weight", None), Tensor):
+                nn.init.ones_(norm.weight)
+            if isinstance(getattr(norm, "bias", None), Tensor):
+                nn.init.zeros_(norm.bias)
+            if hasattr(norm, "reset_running_stats"):
+                norm.reset_running_stats()
+        if not self.zero_init_residual:
+            return
+        for index, stage in enumerate(self.stages, start=1):
+            for i, block in enumerate(stage):
+                name = "bn3" if isinstance(block, DilatedBottleneck) else "bn2"
+                weight = getattr(getattr(block, name), "weight", None)
+                if not isinstance(weight, Tensor):
+                    raise ValueError(
+                        "zero_init_residual=True needs a norm with a weight in each block, "
+                        f"layer{index}.{i}.{name} is {getattr(block, name)!r}"
+                    )
+                nn.init.zeros_(weight)
+
+    def _norms(self) -> list[nn.Module]:
+        norms = [self.bn1]
+        for stage in self.stages:
+            for block in stage:
+                norms += [getattr(block, n) for n in ("bn1", "bn2", "bn3") if hasattr(block, n)]
+                if block.downsample is not None:
+                    norms.append(block.downsample[1])
+        return norms
 
     def forward_stem(self, x: Tensor) -> Tensor:
         """Stem only: conv, norm, activation, optional max-pool."""
@@ -200,60 +289,241 @@ class DilatedResNet(nn.Module):
 
     @classmethod
     def from_torchvision(
-        cls, model: nn.Module, output_stride: int | None = 32, *, device=None, dtype=None
+        cls, model: nn.Module, output_stride: int | None = None, *, device=None, dtype=None
     ) -> DilatedResNet:
         """Convert a torchvision ``ResNet`` (any depth, ResNeXt and wide variants included).
 
-        The returned backbone holds a copy of ``model``'s weights and buffers (the fc layer is
-        dropped) and runs its stages with ``output_stride`` 8, 16 or 32. At 32 it computes what
-        ``model`` computes; at 8 or 16 what torchvision's ``replace_stride_with_dilation``
-        computes, also for ResNet-18/34, whose ``BasicBlock`` torchvision cannot dilate.
+        The returned backbone holds a copy of ``model``'s weights and buffers (``avgpool`` and
+        ``fc`` are dropped) and keeps what ``model`` had: its strides and per-block dilations
+        (``replace_stride_with_dilation`` included), its norm layer's type and settings
+        (``FrozenBatchNorm2d`` and its ``eps``, ``BatchNorm2d``'s ``eps`` and ``momentum``,
+        ``GroupNorm``'s groups), each parameter's ``requires_grad``, each module's train/eval
+        mode, and the device and dtype of its tensors.
+
+        ``model`` may also be a detection backbone's body (torchvision's
+        ``IntermediateLayerGetter``, e.g. ``resnet_fpn_backbone(...).body``) that holds the
+        whole trunk; the result returns all four stages.
+
+        Args:
+            model: the torchvision ``ResNet`` to convert.
+            output_stride: ``None`` computes what ``model`` computes. 8, 16 or 32 rebuilds the
+                stages as torchvision's ``replace_stride_with_dilation`` would for that output
+                stride (from any torchvision layout, dilated or not), also for ResNet-18/34,
+                whose ``BasicBlock`` torchvision cannot dilate.
+            device: where to build the result; by default where ``model``'s tensors are.
+            dtype: floating dtype of the result; by default that of ``model``'s tensors.
+
+        Raises:
+            TypeError: ``model`` is not a torchvision ResNet; a block is not torchvision's
+                ``BasicBlock``/``Bottleneck`` (all of one kind); a convolution the layout is
+                read from (the stem ``conv1`` included) is not an ``nn.Conv2d``; ``bn1`` is
+                not a ``BatchNorm2d``, ``FrozenBatchNorm2d`` or ``GroupNorm``.
+            ValueError: a module differs from what the DilatedResNet of ``model``'s layout
+                builds (another norm or activation in one place, a changed padding, a removed
+                shortcut); the state_dict does not load (an added parameter); an explicit
+                ``output_stride`` for strides and dilations that torchvision does not build;
+                tensors on several devices or dtypes without ``device``/``dtype``.
 
         Example:
             >>> import torch, torchvision
+            >>> from torchvision.ops.misc import FrozenBatchNorm2d
             >>> from dilconv import DilatedResNet
-            >>> tv = torchvision.models.resnet18(weights=None)
+            >>> tv = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+            >>> DilatedResNet.from_torchvision(tv).reductions
+            [4, 8, 8, 8]
+            >>> tv = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d).requires_grad_(False)
             >>> net = DilatedResNet.from_torchvision(tv, output_stride=8)
+            >>> net.layer4[1].bn2, net.layer4[1].conv2.dilation, net.conv1.weight.requires_grad
+            (FrozenBatchNorm2d(512, eps=1e-05), (4, 4), False)
             >>> net(torch.randn(1, 3, 64, 64))[-1].shape
             torch.Size([1, 512, 8, 8])
         """
-        from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-
-        if not isinstance(model, ResNet):
-            raise TypeError(
-                f"from_torchvision expects a torchvision.models.ResNet, got {type(model).__name__}"
+        _check_source(model)
+        if output_stride is not None and output_stride not in _OUTPUT_STRIDES:
+            raise ValueError(
+                f"output_stride must be one of {_OUTPUT_STRIDES} or None, got {output_stride}"
             )
-        if output_stride not in _OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {_OUTPUT_STRIDES}, got {output_stride}")
-        first = model.layer1[0]
-        if isinstance(first, Bottleneck):
-            block, groups = "bottleneck", first.conv2.groups
-            planes = first.conv3.out_channels // 4
-            width_per_group = first.conv2.out_channels * 64 // (groups * planes)
-        elif isinstance(first, BasicBlock):
-            block, groups, width_per_group = "basic", 1, 64
-        else:
-            raise TypeError(f"unsupported residual block {type(first).__name__}")
-        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-        conv = model.conv1
-        net = cls(
-            conv.in_channels,
-            stem_channels=conv.out_channels,
-            stem_kernel=conv.kernel_size[0],
-            stem_stride=conv.stride[0],
-            stem_bias=conv.bias is not None,
-            stem_pool=isinstance(model.maxpool, nn.MaxPool2d),
-            planes=[s[0].conv1.out_channels if block == "basic" else s[0].conv3.out_channels // 4
-                    for s in stages],
-            blocks=[len(s) for s in stages],
-            strides=(1, 2, 2, 2),
-            block=block,
-            output_stride=output_stride,
-            groups=groups,
-            width_per_group=width_per_group,
-            device=device,
-            dtype=dtype,
+        layout = _torchvision_layout(model)
+        _check_same_layers(model, cls(**layout, device="meta"))
+        if output_stride is not None:
+            if not _follows_torchvision_rule(layout["strides"], layout["dilations"]):
+                raise ValueError(
+                    f"output_stride={output_stride} rebuilds torchvision's layout, but the "
+                    f"source's stage strides {layout['strides']} and block dilations "
+                    f"{layout['dilations']} are not one torchvision builds; pass "
+                    "output_stride=None to keep them"
+                )
+            layout.update(strides=_TORCHVISION_STRIDES, dilations=(1,) * 4)
+        device, dtype = _placement(model, device, dtype)
+        net = cls(**layout, output_stride=output_stride, device=device, dtype=dtype)
+        state = {k: v for k, v in model.state_dict().items()
+                 if k.split(".", 1)[0] not in ("avgpool", "fc")}
+        if net.conv1.weight.is_meta:
+            state = {k: v.to("meta") for k, v in state.items()}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(
+                f"from_torchvision: the state_dict of the {type(model).__name__} does not load "
+                f"into the DilatedResNet of its layout (were modules added?): {error}"
+            ) from error
+        source_parameters = dict(model.named_parameters())
+        for name, parameter in net.named_parameters():
+            parameter.requires_grad_(source_parameters[name].requires_grad)
+        for name, module in net.named_modules():
+            module.training = model.get_submodule(name).training
+        return net
+
+
+def _check_source(model: nn.Module) -> None:
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.resnet import ResNet
+
+    if isinstance(model, IntermediateLayerGetter):
+        names = tuple(name for name, _ in model.named_children())
+        if names != _TRUNK:
+            raise ValueError(
+                "from_torchvision converts an IntermediateLayerGetter that holds a whole ResNet "
+                f"trunk {_TRUNK}, got one with {names}"
+            )
+    elif not isinstance(model, ResNet):
+        raise TypeError(
+            "from_torchvision expects a torchvision.models.ResNet (or a detection backbone's "
+            f"IntermediateLayerGetter over one), got {type(model).__name__}"
         )
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-        net.load_state_dict(state)
-        return net.train(model.training)
+
+
+def _conv(model: nn.Module, name: str) -> nn.Conv2d:
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(
+            f"from_torchvision reads {name} as an nn.Conv2d, got {type(module).__name__}"
+        )
+    return module
+
+
+def _norm_layer(norm: nn.Module) -> NormLayer:
+    """A factory that builds ``norm``'s type with ``norm``'s settings for any channel count."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    kind = type(norm)
+    if kind is FrozenBatchNorm2d:
+        return functools.partial(kind, eps=norm.eps)
+    if kind is nn.BatchNorm2d:
+        return functools.partial(
+            kind, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+            track_running_stats=norm.track_running_stats,
+        )
+    if kind is nn.GroupNorm:
+        return functools.partial(kind, norm.num_groups, eps=norm.eps, affine=norm.affine)
+    raise TypeError(
+        "from_torchvision keeps BatchNorm2d, FrozenBatchNorm2d and GroupNorm norms, "
+        f"bn1 is {kind.__name__}"
+    )
+
+
+def _torchvision_layout(model: nn.Module) -> dict[str, object]:
+    """The DilatedResNet arguments that rebuild ``model``'s trunk as it is."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    names = [f"layer{i}" for i in range(1, 5)]
+    stages = [model.get_submodule(name) for name in names]
+    kind = type(stages[0][0])
+    if kind not in (BasicBlock, Bottleneck):
+        raise TypeError(
+            f"from_torchvision converts torchvision's BasicBlock and Bottleneck, "
+            f"layer1.0 is {kind.__name__}"
+        )
+    for name, stage in zip(names, stages):
+        for i, block in enumerate(stage):
+            if type(block) is not kind:
+                raise TypeError(
+                    f"from_torchvision: {name}.{i} is {type(block).__name__}, every block must "
+                    f"be torchvision's {kind.__name__} as layer1.0 is"
+                )
+    bottleneck = kind is Bottleneck
+    stem = _conv(model, "conv1")
+    layout: dict[str, object] = {
+        "in_channels": stem.in_channels,
+        "stem_channels": stem.out_channels,
+        "stem_kernel": stem.kernel_size[0],
+        "stem_stride": stem.stride[0],
+        "stem_bias": stem.bias is not None,
+        "stem_pool": isinstance(model.get_submodule("maxpool"), nn.MaxPool2d),
+        "blocks": [len(stage) for stage in stages],
+        "strides": [_conv(model, f"{n}.0.{'conv2' if bottleneck else 'conv1'}").stride[0]
+                    for n in names],
+        "dilations": [tuple(_conv(model, f"{n}.{i}.conv2").dilation[0] for i in range(len(s)))
+                      for n, s in zip(names, stages)],
+        "block": "bottleneck" if bottleneck else "basic",
+        "norm_layer": _norm_layer(model.get_submodule("bn1")),
+        "act_layer": functools.partial(
+            nn.ReLU, inplace=getattr(model.get_submodule("relu"), "inplace", True)
+        ),
+    }
+    if bottleneck:
+        layout["planes"] = [_conv(model, f"{n}.0.conv3").out_channels // 4 for n in names]
+        first = _conv(model, "layer1.0.conv2")
+        layout["groups"] = first.groups
+        layout["width_per_group"] = first.out_channels * 64 // (first.groups * layout["planes"][0])
+    else:
+        layout["planes"] = [_conv(model, f"{n}.0.conv1").out_channels for n in names]
+    return layout
+
+
+def _check_same_layers(source: nn.Module, built: DilatedResNet) -> None:
+    """Raise unless every layer of ``built`` is the layer of that name in ``source``."""
+    for name, ours in built.named_modules():
+        if next(ours.children(), None) is not None:
+            continue
+        try:
+            theirs = source.get_submodule(name)
+        except AttributeError:
+            theirs = None
+        if repr(theirs) != repr(ours):
+            raise ValueError(
+                f"from_torchvision cannot express {name}: the source has {theirs!r} where the "
+                f"DilatedResNet of its layout (one norm layer and one activation, those of bn1 "
+                f"and relu) has {ours!r}"
+            )
+
+
+def _follows_torchvision_rule(
+    strides: Sequence[int], dilations: Sequence[tuple[int, ...]]
+) -> bool:
+    """Whether torchvision's ResNet builds these strides and per-block dilations.
+
+    Its stages have strides (1, 2, 2, 2); a stage that ``replace_stride_with_dilation`` dilates
+    has stride 1 and multiplies the running dilation by 2, its first block keeping the previous.
+    """
+    dilation = 1
+    for nominal, stride, per_block in zip(_TORCHVISION_STRIDES, strides, dilations):
+        previous = dilation
+        if stride == 1:
+            dilation *= nominal
+        expected = (previous,) + (dilation,) * (len(per_block) - 1)
+        if stride not in (1, nominal) or per_block != expected:
+            return False
+    return True
+
+
+def _placement(model: nn.Module, device, dtype) -> tuple[object, object]:
+    """``device`` and ``dtype``, each defaulting to the one all of ``model``'s tensors share."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if device is None:
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            raise ValueError(
+                f"from_torchvision: the source's tensors are on {sorted(map(str, devices))}; "
+                "pass device= to choose one"
+            )
+        (device,) = devices
+    if dtype is None:
+        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"from_torchvision: the source's tensors have dtypes {sorted(map(str, dtypes))}; "
+                "pass dtype= to choose one"
+            )
+        (dtype,) = dtypes
+    return device, dtype
