@@ -1,13 +1,15 @@
 """The training harness end to end: learning, kill-and-resume, torchrun, refused checkpoints.
 
 Runs use scikit-learn's bundled digits at 16x16 and the cheapest study network (ResNet50 with
-halved widths). Subprocess runs get one OpenMP thread each, so two of them share two cores.
+halved widths); the torchrun test runs every study network. Subprocess runs get one OpenMP
+thread each, so two of them share two cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,12 +186,22 @@ def test_sigkill_mid_epoch_then_resume_loses_and_repeats_no_epoch(tmp_path):
         "checkpoint.pt", "curves.png", "metrics.json"]
 
 
+def _params_without_grad(model: str, num_classes: int) -> int:
+    """Trainable parameter tensors that one backward pass through ``model`` leaves at None."""
+    net = MODELS[model](num_classes=num_classes)
+    net(torch.rand(2, 3, 16, 16)).sum().backward()
+    return sum(p.grad is None for p in net.parameters() if p.requires_grad)
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    limit = 64
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_torchrun_two_processes_on_cpu(tmp_path, model):
+    """Every model trains under DDP, also those with parameters that get no gradient (the FPN
+    smoothing convs of the levels coarser than the pooled P2)."""
+    flags = [f for f in _flags(tmp_path, "--device", "cpu", "--batch-size", "4", epochs=2,
+                               limit=16, model=model) if f != "--quiet"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "examples.dfpn_classifier.train",
-               *_flags(tmp_path, "--device", "cpu", epochs=2, limit=limit)]
+               "--nproc_per_node=2", "-m", "examples.dfpn_classifier.train", *flags]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -202,6 +214,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     # every image is counted once over the two ranks: the sums were reduced
     assert {h["test_images"] for h in history} == {metrics["test_samples"]}
     assert {h["train_images"] for h in history} == {metrics["train_samples"]}
+    # rank 0 alone says how many parameter tensors get no gradient, and the count is right
+    lines = re.findall(r"(\d+) of (\d+) parameter tensors get no gradient", result.stdout)
+    total = sum(1 for p in MODELS[model]().parameters() if p.requires_grad)
+    expected = _params_without_grad(model, metrics["num_classes"])
+    assert lines == [(str(expected), str(total))], result.stdout[-2000:]
 
 
 def test_table2_rows_and_printout(tmp_path, capsys):

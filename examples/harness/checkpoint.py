@@ -3,8 +3,10 @@ overwritten by a run that cannot continue them.
 
 A checkpoint is a dict of tensors and plain containers (str, int, float, list, dict), so
 ``torch.load(path, weights_only=True)`` reads it without unpickling arbitrary objects: model,
-optimiser, scheduler and grad-scaler state, the number of finished epochs, the per-epoch history,
-the run's flags, and the torch / CUDA / NumPy / Python RNG states as tensors.
+optimiser and grad-scaler state, the learning-rate schedule's pieces
+(:class:`~examples.harness.schedule.CosineSchedule`), the number of finished epochs, the per-epoch
+history, the run's flags, and the torch / CUDA / NumPy / Python RNG states as tensors. Format 2
+replaced format 1's ``scheduler_state`` (a ``CosineAnnealingLR``) with ``schedule``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ __all__ = [
     "set_rng_state",
 ]
 
-FORMAT = "dilconv-examples-checkpoint/1"
+FORMAT = "dilconv-examples-checkpoint/2"
 
 
 class CheckpointError(Exception):

@@ -2,7 +2,10 @@
 
 Defaults follow the Dilated-FPN study (seed 000): 100 epochs, batch size 32. The default
 optimiser is AdamW (lr 1e-3, weight decay 0.01, PyTorch's defaults otherwise), its learning rate
-annealed per epoch on a cosine from ``--lr`` to 0 over ``--epochs`` (no warm-up). Adam's
+annealed per epoch on a cosine from ``--lr`` to 0 over ``--epochs`` (no warm-up). ``--resume``
+with another ``--epochs`` keeps the epochs already trained and continues from the last one's rate
+on a new cosine to 0 over the remaining epochs, never jumping up (formulas in
+:mod:`~examples.harness.schedule`). Adam's
 per-parameter step size matters here: the study's networks start with gradient norms in the
 hundreds (no zero-initialised last BN in the residual branches, no normalisation in the FPN
 neck), which makes SGD at lr 0.01 diverge on the FPN variants. ``--optimizer sgd`` (Nesterov
@@ -88,7 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str]) -> Non
                       "data, else min(4, CPUs))")
     train = parser.add_argument_group("training")
     train.add_argument("--model", choices=models, required=True)
-    train.add_argument("--epochs", type=_positive, default=d.epochs)
+    train.add_argument("--epochs", type=_positive, default=d.epochs,
+                       help="total epochs; the rate falls on a cosine from --lr to 0 over them. "
+                       "With --resume and another count, the finished epochs stay and a new "
+                       "cosine runs from the last one's rate to 0 over the epochs left")
     train.add_argument("--batch-size", type=_positive, default=d.batch_size, help="per process")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     train.add_argument("--lr", type=float, default=d.lr, help="peak (initial) learning rate")

@@ -1,14 +1,22 @@
 """The epoch loop: :func:`fit` trains one model on one data set; :func:`main` is the script entry.
 
 Optimiser: AdamW (or SGD) with a per-epoch cosine schedule (see
-:mod:`~examples.harness.config`). The train order of epoch ``e`` is the permutation drawn from
-``seed + e`` (:class:`~torch.utils.data.DistributedSampler` with ``set_epoch``, also for a single
-process), so a resumed run sees exactly the batches an uninterrupted one would have seen.
+:mod:`~examples.harness.config`; what a resume with another ``--epochs`` does is in
+:mod:`~examples.harness.schedule`). ``history[i]["lr"]`` is the rate epoch ``i + 1`` trained at.
+The train order of epoch ``e`` is the permutation drawn from ``seed + e``
+(:class:`~torch.utils.data.DistributedSampler` with ``set_epoch``, also for a single process), so
+a resumed run sees exactly the batches an uninterrupted one would have seen.
+
+Under torchrun the model is probed once for parameters that get no gradient before it is wrapped
+in DDP (see :mod:`~examples.harness.distributed`). Loss and accuracy are summed on the device and
+reach the host once per pass (:class:`~examples.harness.metrics.RunningTotals`); on a terminal the
+progress bar shows them every :data:`POSTFIX_EVERY` steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 import time
@@ -18,18 +26,29 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from tqdm import tqdm
 
 from examples.harness import checkpoint as ckpt
 from examples.harness.config import TrainConfig, add_arguments, config_from_args
 from examples.harness.data import DataError, build_datasets
-from examples.harness.distributed import Dist, broadcast_object, cleanup, setup
-from examples.harness.metrics import Totals, plot_curves, write_metrics
+from examples.harness.distributed import (
+    Dist,
+    broadcast_object,
+    cleanup,
+    params_without_grad,
+    setup,
+    unused_on_any_rank,
+    wrap_ddp,
+)
+from examples.harness.metrics import RunningTotals, plot_curves, write_metrics
+from examples.harness.schedule import CosineSchedule
 
-__all__ = ["evaluate", "fit", "main", "train_one_epoch"]
+__all__ = ["POSTFIX_EVERY", "evaluate", "fit", "main", "train_one_epoch"]
+
+# Refreshing the bar's loss and accuracy costs a host sync; every 25 steps it costs nothing.
+POSTFIX_EVERY = 25
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -64,37 +83,44 @@ class _Step:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
 
+def _forward(net: nn.Module, images: Tensor, labels: Tensor, step: _Step
+             ) -> tuple[Tensor, Tensor]:
+    """(float32 logits, mean cross-entropy) of a batch already on the device."""
+    with step.autocast():
+        logits = net(images).float()
+        return logits, F.cross_entropy(logits, labels)
+
+
 def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, step: _Step, bar: tqdm) -> Totals:
-    """One pass over ``loader`` in train mode; returns this rank's running sums."""
+                    scaler: torch.amp.GradScaler, step: _Step, bar: tqdm) -> RunningTotals:
+    """One pass over ``loader`` in train mode; returns this rank's running sums (on the device;
+    no host sync per step, and one every :data:`POSTFIX_EVERY` steps while ``bar`` shows)."""
     net.train()
-    totals = Totals()
+    totals = RunningTotals(step.device)
     for images, labels in loader:
         images, labels = step.batch(images, labels)
-        with step.autocast():
-            logits = net(images)
-            loss = F.cross_entropy(logits.float(), labels)
+        logits, loss = _forward(net, images, labels, step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        totals.update(loss.item(), int((logits.argmax(1) == labels).sum()), labels.numel())
+        totals.update(loss, (logits.argmax(1) == labels).sum(), labels.numel())
         bar.update()
-        bar.set_postfix(loss=f"{totals.loss:.3f}", acc=f"{totals.accuracy:.1%}", refresh=False)
+        if not bar.disable and (bar.n % POSTFIX_EVERY == 0 or bar.n == bar.total):
+            sums = totals.local()
+            bar.set_postfix(loss=f"{sums.loss:.3f}", acc=f"{sums.accuracy:.1%}", refresh=False)
     return totals
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader: DataLoader, step: _Step) -> Totals:
-    """One pass over ``loader`` in eval mode; returns this rank's running sums."""
+def evaluate(net: nn.Module, loader: DataLoader, step: _Step) -> RunningTotals:
+    """One pass over ``loader`` in eval mode; returns this rank's running sums (on the device)."""
     net.eval()
-    totals = Totals()
+    totals = RunningTotals(step.device)
     for images, labels in loader:
         images, labels = step.batch(images, labels)
-        with step.autocast():
-            logits = net(images).float()
-        loss = F.cross_entropy(logits, labels)
-        totals.update(loss.item(), int((logits.argmax(1) == labels).sum()), labels.numel())
+        logits, loss = _forward(net, images, labels, step)
+        totals.update(loss, (logits.argmax(1) == labels).sum(), labels.numel())
     return totals
 
 
@@ -138,6 +164,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _ddp(net: nn.Module, raw: nn.Module, train: Dataset, sampler: DistributedSampler, epoch: int,
+         step: _Step, info: Dist, log_as: str | None) -> nn.Module:
+    """``net`` in DDP, told to search for unused parameters only if a probe found some.
+
+    Each rank probes ``raw`` (``net`` uncompiled) with the first two images it will train on in
+    ``epoch``; a parameter without gradient on any rank counts. ``log_as`` names the model in the
+    one line rank 0 prints (None: print nothing).
+    """
+    sampler.set_epoch(epoch)
+    indices = list(itertools.islice(sampler, 2))
+
+    def loss_of(model: nn.Module) -> Tensor:
+        images, labels = step.batch(*default_collate([train[i] for i in indices]))
+        return _forward(model, images, labels, step)[1]
+
+    unused = unused_on_any_rank(raw, params_without_grad(raw, loss_of), info)
+    if log_as is not None:
+        total = sum(p.requires_grad for p in raw.parameters())
+        shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
+        tqdm.write(f"{log_as}: {len(unused)} of {total} parameter tensors get no gradient"
+                   + (f" ({shown}); DDP searches for unused ones every step" if unused else ""))
+    return wrap_ddp(net, unused)
+
+
 def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None) -> dict:
     """Train ``build_model(num_classes=...)`` as ``config`` says; return the metrics dict.
 
@@ -161,26 +211,33 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
     if config.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = _optimizer(raw, config)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    schedule = CosineSchedule.over(config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and info.device.type == "cuda")
     history: list[dict] = []
+    show = info.is_main and not config.quiet
     if state is not None:
         try:
             raw.load_state_dict(state["model_state"])
             optimizer.load_state_dict(state["optimizer_state"])
-            scheduler.load_state_dict(state["scheduler_state"])
+            saved = CosineSchedule.from_state_dict(state["schedule"])
             scaler.load_state_dict(state["scaler_state"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ckpt.CheckpointError(f"{config.out / 'checkpoint.pt'} does not fit this model "
                                        f"({exc}); it was left untouched") from exc
-        scheduler.T_max = config.epochs  # a resumed run may ask for more epochs
         ckpt.set_rng_state(state["rng"])
         history = list(state["history"])
+        schedule = saved.resumed(len(history), config.epochs)
+        if show and schedule != saved:
+            tqdm.write(f"--epochs {config.epochs}, not {saved.epochs}: the learning rate falls "
+                       f"on a new cosine from epoch {len(history)}'s {history[-1]['lr']:.3g} to 0 "
+                       f"at epoch {config.epochs}")
     net = torch.compile(raw) if config.compile else raw
-    train_net = DistributedDataParallel(net) if info.enabled else net
     train_loader, sampler, test_loader = _loaders(train, test, config, info)
     step = _Step(config, info.device)
-    show = info.is_main and not config.quiet
+    train_net = net
+    if info.enabled:
+        train_net = _ddp(net, raw, train, sampler, len(history), step, info,
+                         config.model if show else None)
     summary = {"model": config.model, "num_classes": len(classes), "classes": classes,
                "train_samples": len(train), "test_samples": len(test),
                "world_size": info.world_size, "device": str(info.device),
@@ -190,18 +247,18 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
+        lr = schedule.apply(optimizer, epoch)
         with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not (show and sys.stderr.isatty()), leave=False) as bar:
             seen = train_one_epoch(train_net, train_loader, optimizer, scaler, step, bar)
-        scheduler.step()
         seen, scored = seen.reduced(info), evaluate(net, test_loader, step).reduced(info)
-        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+        history.append({"epoch": epoch + 1, "lr": lr,
                         "train_loss": seen.loss, "train_acc": seen.accuracy,
                         "test_loss": scored.loss, "test_acc": scored.accuracy,
                         "train_images": int(seen.count), "test_images": int(scored.count),
                         "seconds": time.perf_counter() - start})
         if info.is_main:
-            _save(config, raw, optimizer, scheduler, scaler, history, len(classes))
+            _save(config, raw, optimizer, schedule, scaler, history, len(classes))
             write_metrics(config.out / "metrics.json", summary, history)
         if show:
             h = history[-1]
@@ -216,14 +273,14 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
 
 
 def _save(config: TrainConfig, raw: nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-          history: list[dict], num_classes: int) -> None:
+          schedule: CosineSchedule, scaler: torch.amp.GradScaler, history: list[dict],
+          num_classes: int) -> None:
     if not config.checkpoint:
         return
     ckpt.save_checkpoint(config.out / "checkpoint.pt", {
         "model": config.model, "num_classes": num_classes, "epoch": len(history),
         "model_state": raw.state_dict(), "optimizer_state": optimizer.state_dict(),
-        "scheduler_state": scheduler.state_dict(), "scaler_state": scaler.state_dict(),
+        "schedule": schedule.state_dict(), "scaler_state": scaler.state_dict(),
         "rng": ckpt.get_rng_state(), "history": history, "config": config.to_dict()})
 
 

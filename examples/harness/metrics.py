@@ -2,6 +2,8 @@
 
 Loss and accuracy are kept as sums (``loss * count``, ``correct``, ``count``) so that summing
 them over ranks with one ``all_reduce`` and dividing gives the same mean as one process would.
+During an epoch the sums stay on the device (:class:`RunningTotals`), so a training step never
+waits for the GPU; they reach the host once, at the end of the pass.
 """
 
 from __future__ import annotations
@@ -10,24 +12,22 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from examples.harness.checkpoint import atomic_write
 from examples.harness.distributed import Dist, reduce_sums
 
-__all__ = ["Totals", "plot_curves", "write_metrics"]
+__all__ = ["RunningTotals", "Totals", "plot_curves", "write_metrics"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Totals:
-    """Running sums of one pass over a data set."""
+    """The sums of one pass over a data set, on the host."""
 
     loss_sum: float = 0.0
     correct: float = 0.0
     count: float = 0.0
-
-    def update(self, mean_loss: float, correct: int, count: int) -> None:
-        self.loss_sum += mean_loss * count
-        self.correct += correct
-        self.count += count
 
     @property
     def loss(self) -> float:
@@ -37,9 +37,40 @@ class Totals:
     def accuracy(self) -> float:
         return self.correct / max(self.count, 1.0)
 
+
+class RunningTotals:
+    """Running sums of one pass, kept on ``device`` until the pass is over.
+
+    :meth:`update` only queues device work; :meth:`local` and :meth:`reduced` are the only host
+    syncs. Loss sums are float64, like the Python floats they replace, so the means are the same
+    to the last bit as summing ``loss.item() * count`` on the host.
+
+    Args:
+        device: where the model's outputs live.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0  # a batch's size is known on the host: no need to ask the device
+
+    def update(self, mean_loss: Tensor, correct: Tensor, count: int) -> None:
+        """Add a batch: its mean loss and number of right answers (0-d tensors), its size."""
+        self.loss_sum += mean_loss.detach().double() * count
+        self.correct += correct.detach()
+        self.count += count
+
+    def _sums(self) -> Tensor:
+        count = self.loss_sum.new_full((), float(self.count))  # a fill on the device, no copy
+        return torch.stack([self.loss_sum, self.correct.double(), count])
+
+    def local(self) -> Totals:
+        """This rank's sums so far (one host sync)."""
+        return Totals(*self._sums().tolist())
+
     def reduced(self, info: Dist) -> Totals:
-        """The sums over every rank (this rank's own when not distributed)."""
-        return Totals(*reduce_sums([self.loss_sum, self.correct, self.count], info))
+        """The sums over every rank (this rank's own when not distributed; one host sync)."""
+        return Totals(*reduce_sums(self._sums(), info))
 
 
 def write_metrics(path: Path, summary: dict, history: list[dict]) -> None:
