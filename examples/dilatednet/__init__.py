@@ -1,0 +1,9 @@
+"""DilatedNet: a dilated VGG16 front-end and a context module (seed 002 of the studies).
+
+Yu & Koltun, "Multi-Scale Context Aggregation by Dilated Convolutions", ICLR 2016:
+:mod:`~examples.dilatednet.models` builds the network (and converts torchvision's VGG16 into
+its front-end), :mod:`~examples.dilatednet.data` gives segmentation data (image folders, VOC and
+an offline digits canvas).
+"""
+
+__all__: list[str] = []
