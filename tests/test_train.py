@@ -65,7 +65,7 @@ def finished_run(tmp_path_factory) -> Path:
 
 def test_outputs_of_a_run(finished_run):
     assert sorted(p.name for p in finished_run.iterdir()) == [
-        "checkpoint.pt", "curves.png", "metrics.json"]
+        "best.pt", "checkpoint.pt", "curves.png", "metrics.json"]
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1]
     assert metrics["final"]["test_acc"] == metrics["history"][-1]["test_acc"]
@@ -74,6 +74,22 @@ def test_outputs_of_a_run(finished_run):
     state = torch.load(finished_run / "checkpoint.pt", weights_only=True)
     assert (state["format"], state["model"], state["epoch"]) == (FORMAT, MODEL, 1)
     assert state["num_classes"] == metrics["num_classes"]
+
+
+def test_best_checkpoint_holds_the_best_epoch(tmp_path):
+    torch.set_num_threads(1)
+    assert train.main(_flags(tmp_path, "--lr", "0.02", epochs=3, limit=64)) == 0
+    history = _history(tmp_path)
+    accuracies = [h["test_acc"] for h in history]
+    best_epoch = accuracies.index(max(accuracies)) + 1  # the first of equal ones
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch and best["best"] == {"test_acc": max(accuracies)}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["final"]["best_epoch"], metrics["final"]["best_test_acc"]) == (
+        best_epoch, max(accuracies))
+    last = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model_state"]
+    same = all(torch.equal(best["model_state"][k], v) for k, v in last.items())
+    assert same == (best_epoch == len(history))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
@@ -183,7 +199,7 @@ def test_sigkill_mid_epoch_then_resume_loses_and_repeats_no_epoch(tmp_path):
         assert [h[key] for h in resumed] == pytest.approx([h[key] for h in _history(straight)],
                                                           rel=1e-4), key
     assert sorted(p.name for p in killed.iterdir() if not p.name.endswith(".tmp")) == [
-        "checkpoint.pt", "curves.png", "metrics.json"]
+        "best.pt", "checkpoint.pt", "curves.png", "metrics.json"]
 
 
 def _params_without_grad(model: str, num_classes: int) -> int:
@@ -206,7 +222,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, model):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint.pt", "curves.png", "metrics.json"]
+        "best.pt", "checkpoint.pt", "curves.png", "metrics.json"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     history = metrics["history"]

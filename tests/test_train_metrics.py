@@ -107,7 +107,7 @@ def test_sums_equal_a_direct_computation_over_the_same_batches():
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     with _bar(len(loader), shown=False) as bar:
         seen = train_one_epoch(model, loader, optimizer, scaler, _step(), bar).local()
-    scored = evaluate(model, loader, _step()).local()
+    scored = evaluate(model, loader, _step()).totals.local()
 
     loss_sum, correct, count = 0.0, 0, 0
     twin.train()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 __all__ = ["DATASETS", "OPTIMIZERS", "TrainConfig", "add_arguments", "config_from_args"]
@@ -52,10 +52,22 @@ class TrainConfig:
     resume: bool = False
     quiet: bool = False
     checkpoint: bool = True
+    options: dict[str, str | int | float | bool | None] = field(default_factory=dict)
+    """The script's own flags (``--neck``, ``--cutmix-p``, ...), as plain values."""
 
-    def to_dict(self) -> dict[str, str | int | float | bool | None]:
+    def to_dict(self) -> dict[str, object]:
         """Plain values only (paths as strings), for ``metrics.json`` and the checkpoint."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return {k: _plain(v) for k, v in asdict(self).items()}
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _positive(text: str) -> int:
@@ -72,16 +84,20 @@ def _fraction(text: str) -> float:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str]) -> None:
-    """Add the harness flags to ``parser``; ``models`` are the accepted ``--model`` names."""
+def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str], *,
+                  datasets: Iterable[str] = DATASETS, default_dataset: str = "folder") -> None:
+    """Add the harness flags to ``parser``; ``models`` are the accepted ``--model`` names and
+    ``datasets`` the ``--dataset`` choices (a script changes other defaults with
+    ``parser.set_defaults``)."""
     models = sorted(models)
-    d = TrainConfig(model=models[0], out=Path("runs/train"))
+    d = TrainConfig(model=models[0], out=Path("runs/train"), dataset=default_dataset)
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, help="ImageFolder root (with train/ and test/, or "
                       "one tree split by --val-fraction), or the download root of --dataset")
-    data.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+    data.add_argument("--dataset", choices=tuple(datasets), default=d.dataset,
                       help="folder: --data is an ImageFolder tree; cifar10: torchvision CIFAR-10 "
-                      "under --data; digits: scikit-learn's bundled 8x8 digits (offline)")
+                      "under --data; digits: scikit-learn's bundled 8x8 digits (offline); "
+                      "coco, voc, digits-canvas: see the script's help")
     data.add_argument("--download", action="store_true", help="let --dataset cifar10 download")
     data.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
                       help="test share when --data has no train/ and test/ folders")
@@ -115,6 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str]) -> Non
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Build a :class:`TrainConfig` from parsed flags, ignoring any the config does not know."""
+    """Build a :class:`TrainConfig` from parsed flags; flags it has no field for (a script's
+    own) go to ``options``."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    known = {k: v for k, v in vars(args).items() if k in names}
+    options = {k: _plain(v) for k, v in vars(args).items() if k not in names}
+    return TrainConfig(**known, options=options)

@@ -22,17 +22,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from examples.harness import checkpoint as ckpt
 from examples.harness.config import TrainConfig, add_arguments, config_from_args
-from examples.harness.data import DataError, build_datasets
+from examples.harness.data import DataError
 from examples.harness.distributed import (
     Dist,
     broadcast_object,
@@ -44,6 +44,7 @@ from examples.harness.distributed import (
 )
 from examples.harness.metrics import RunningTotals, plot_curves, write_metrics
 from examples.harness.schedule import CosineSchedule
+from examples.harness.tasks import ClassificationTask, Evaluator, Task
 
 __all__ = ["POSTFIX_EVERY", "evaluate", "fit", "main", "train_one_epoch"]
 
@@ -67,28 +68,21 @@ class _Shard(Sampler[int]):
 
 
 class _Step:
-    """What a forward pass needs besides the model: device, memory format and autocast."""
+    """What a pass needs besides the model: the task, device, memory format and autocast."""
 
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, device: torch.device,
+                 task: Task | None = None) -> None:
+        self.task = task or ClassificationTask()
         self.device = device
         self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.amp = config.amp
 
-    def batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        return images, labels.to(self.device, non_blocking=True)
+    def batch(self, batch: tuple) -> tuple:
+        return self.task.to_device(batch, self.device, self.memory_format)
 
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
-
-
-def _forward(net: nn.Module, images: Tensor, labels: Tensor, step: _Step
-             ) -> tuple[Tensor, Tensor]:
-    """(float32 logits, mean cross-entropy) of a batch already on the device."""
-    with step.autocast():
-        logits = net(images).float()
-        return logits, F.cross_entropy(logits, labels)
 
 
 def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -97,44 +91,52 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
     no host sync per step, and one every :data:`POSTFIX_EVERY` steps while ``bar`` shows)."""
     net.train()
     totals = RunningTotals(step.device)
-    for images, labels in loader:
-        images, labels = step.batch(images, labels)
-        logits, loss = _forward(net, images, labels, step)
+    for batch in loader:
+        inputs, targets = step.batch(batch)
+        loss, correct = step.task.train_loss(net, inputs, targets, step.autocast)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        totals.update(loss, (logits.argmax(1) == labels).sum(), labels.numel())
+        if correct is None:
+            correct = torch.zeros((), dtype=torch.int64, device=step.device)
+        totals.update(loss, correct, step.task.count(targets))
         bar.update()
         if not bar.disable and (bar.n % POSTFIX_EVERY == 0 or bar.n == bar.total):
             sums = totals.local()
-            bar.set_postfix(loss=f"{sums.loss:.3f}", acc=f"{sums.accuracy:.1%}", refresh=False)
+            shown = {"loss": f"{sums.loss:.3f}"}
+            if "train_acc" in step.task.metrics:
+                shown["acc"] = f"{sums.accuracy:.1%}"
+            bar.set_postfix(shown, refresh=False)
     return totals
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader: DataLoader, step: _Step) -> RunningTotals:
-    """One pass over ``loader`` in eval mode; returns this rank's running sums (on the device)."""
+def evaluate(net: nn.Module, loader: DataLoader, step: _Step, num_classes: int = 0
+             ) -> Evaluator:
+    """One pass over ``loader`` in eval mode; returns the task's evaluator, whose ``compute``
+    reduces the figures over ranks."""
     net.eval()
-    totals = RunningTotals(step.device)
-    for images, labels in loader:
-        images, labels = step.batch(images, labels)
-        logits, loss = _forward(net, images, labels, step)
-        totals.update(loss, (logits.argmax(1) == labels).sum(), labels.numel())
-    return totals
+    scores = step.task.evaluator(num_classes, step.device, step.autocast)
+    for batch in loader:
+        scores.update(net, *step.batch(batch))
+    return scores
 
 
-def _loaders(train: Dataset, test: Dataset, config: TrainConfig, info: Dist
+def _loaders(train: Dataset, test: Dataset, config: TrainConfig, info: Dist, task: Task
              ) -> tuple[DataLoader, DistributedSampler, DataLoader]:
     workers = config.workers
     if workers is None:
-        workers = 0 if config.dataset == "digits" else min(4, torch.multiprocessing.cpu_count())
+        in_memory = config.dataset in ("digits", "digits-canvas")
+        workers = 0 if in_memory else min(4, torch.multiprocessing.cpu_count())
     sampler = DistributedSampler(train, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=config.seed)
     common = {"batch_size": config.batch_size, "num_workers": workers,
               "pin_memory": info.device.type == "cuda", "persistent_workers": workers > 0}
-    return (DataLoader(train, sampler=sampler, **common), sampler,
-            DataLoader(test, sampler=_Shard(len(test), info), **common))
+    return (DataLoader(train, sampler=sampler, collate_fn=partial(task.collate, train=True),
+                       **common), sampler,
+            DataLoader(test, sampler=_Shard(len(test), info),
+                       collate_fn=partial(task.collate, train=False), **common))
 
 
 def _resume_state(config: TrainConfig, num_classes: int) -> dict | str | None:
@@ -176,8 +178,8 @@ def _ddp(net: nn.Module, raw: nn.Module, train: Dataset, sampler: DistributedSam
     indices = list(itertools.islice(sampler, 2))
 
     def loss_of(model: nn.Module) -> Tensor:
-        images, labels = step.batch(*default_collate([train[i] for i in indices]))
-        return _forward(model, images, labels, step)[1]
+        inputs, targets = step.batch(step.task.collate([train[i] for i in indices], train=True))
+        return step.task.train_loss(model, inputs, targets, step.autocast)[0]
 
     unused = unused_on_any_rank(raw, params_without_grad(raw, loss_of), info)
     if log_as is not None:
@@ -188,19 +190,24 @@ def _ddp(net: nn.Module, raw: nn.Module, train: Dataset, sampler: DistributedSam
     return wrap_ddp(net, unused)
 
 
-def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None) -> dict:
-    """Train ``build_model(num_classes=...)`` as ``config`` says; return the metrics dict.
+def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None,
+        task: Task | None = None) -> dict:
+    """Train ``build_model(num_classes=...)`` on ``task`` as ``config`` says; return the metrics.
 
-    Rank 0 writes ``checkpoint.pt`` (unless ``config.checkpoint`` is false), ``metrics.json``
-    and ``curves.png`` into ``config.out`` after every epoch.
+    ``task`` (default: image classification) says what the data, batches, loss and test
+    metrics are (:mod:`~examples.harness.tasks`). Rank 0 writes ``checkpoint.pt`` (unless
+    ``config.checkpoint`` is false), ``metrics.json`` and ``curves.png`` into ``config.out``
+    after every epoch, and ``best.pt`` (the weights of the epoch with the best
+    ``task.headline`` so far) whenever that figure improves.
 
     Raises:
         DataError: the data set is missing, empty or unreadable.
         CheckpointError: ``config.out`` holds a checkpoint this run may not continue.
     """
     info = info or setup(config.device)
+    task = task or ClassificationTask()
     _seed_everything(config.seed)
-    train, test, classes = build_datasets(config)
+    train, test, classes = task.datasets(config)
     if info.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
     state = _resume_state(config, len(classes)) if info.is_main else None
@@ -232,13 +239,14 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
                        f"on a new cosine from epoch {len(history)}'s {history[-1]['lr']:.3g} to 0 "
                        f"at epoch {config.epochs}")
     net = torch.compile(raw) if config.compile else raw
-    train_loader, sampler, test_loader = _loaders(train, test, config, info)
-    step = _Step(config, info.device)
+    train_loader, sampler, test_loader = _loaders(train, test, config, info, task)
+    step = _Step(config, info.device, task)
     train_net = net
     if info.enabled:
         train_net = _ddp(net, raw, train, sampler, len(history), step, info,
                          config.model if show else None)
-    summary = {"model": config.model, "num_classes": len(classes), "classes": classes,
+    summary = {"task": task.name, "model": config.model, "num_classes": len(classes),
+               "classes": classes,
                "train_samples": len(train), "test_samples": len(test),
                "world_size": info.world_size, "device": str(info.device),
                "parameters": sum(p.numel() for p in raw.parameters()), "config": config.to_dict()}
@@ -251,24 +259,28 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
         with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not (show and sys.stderr.isatty()), leave=False) as bar:
             seen = train_one_epoch(train_net, train_loader, optimizer, scaler, step, bar)
-        seen, scored = seen.reduced(info), evaluate(net, test_loader, step).reduced(info)
-        history.append({"epoch": epoch + 1, "lr": lr,
-                        "train_loss": seen.loss, "train_acc": seen.accuracy,
-                        "test_loss": scored.loss, "test_acc": scored.accuracy,
-                        "train_images": int(seen.count), "test_images": int(scored.count),
+        seen = seen.reduced(info)
+        scored = evaluate(net, test_loader, step, len(classes)).compute(info)
+        trained = {"train_loss": seen.loss}
+        if "train_acc" in task.metrics:
+            trained["train_acc"] = seen.accuracy
+        history.append({"epoch": epoch + 1, "lr": lr, **trained, **scored,
+                        "train_images": int(seen.count),
                         "seconds": time.perf_counter() - start})
         if info.is_main:
             _save(config, raw, optimizer, schedule, scaler, history, len(classes))
-            write_metrics(config.out / "metrics.json", summary, history)
+            if _is_best(history, task.headline):
+                _save_best(config, raw, history, len(classes), task.headline)
+            write_metrics(config.out / "metrics.json", summary, history, task.headline)
         if show:
             h = history[-1]
-            tqdm.write(f"{config.model} epoch {h['epoch']}/{config.epochs}: train loss "
-                       f"{h['train_loss']:.4f} acc {h['train_acc']:.1%} | test loss "
-                       f"{h['test_loss']:.4f} acc {h['test_acc']:.1%} | {h['seconds']:.1f} s")
+            tqdm.write(f"{config.model} epoch {h['epoch']}/{config.epochs}: "
+                       f"{task.describe(h)} | {h['seconds']:.1f} s")
     if info.is_main:
-        write_metrics(config.out / "metrics.json", summary, history)
+        write_metrics(config.out / "metrics.json", summary, history, task.headline)
         plot_curves(config.out / "curves.png", history,
-                    f"{config.model} on {config.dataset} ({len(history)} epochs)")
+                    f"{config.model} on {config.dataset} ({len(history)} epochs)",
+                    task.metrics)
     return {**summary, "history": history, "final": history[-1]}
 
 
@@ -284,15 +296,53 @@ def _save(config: TrainConfig, raw: nn.Module, optimizer: torch.optim.Optimizer,
         "rng": ckpt.get_rng_state(), "history": history, "config": config.to_dict()})
 
 
-def main(argv: list[str] | None, models: Mapping[str, ModelFactory], description: str) -> int:
+def _is_best(history: list[dict], headline: str) -> bool:
+    """Whether the last epoch's ``headline`` beats every earlier one (ties keep the earlier)."""
+    last = history[-1][headline]
+    return all(last > h[headline] for h in history[:-1])
+
+
+def _save_best(config: TrainConfig, raw: nn.Module, history: list[dict], num_classes: int,
+               headline: str) -> None:
+    if not config.checkpoint:
+        return
+    ckpt.save_checkpoint(config.out / "best.pt", {
+        "model": config.model, "num_classes": num_classes, "epoch": len(history),
+        "model_state": raw.state_dict(), "history": history, "config": config.to_dict(),
+        "best": {headline: history[-1][headline]}})
+
+
+def main(argv: list[str] | None, models: Mapping[str, ModelFactory], description: str, *,
+         task: Task | None = None,
+         extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+         setup_run: Callable[[argparse.Namespace, TrainConfig],
+                             Mapping[str, ModelFactory]] | None = None) -> int:
     """Parse flags, train under torchrun or alone, and turn data/checkpoint errors into a
-    one-line message and exit status 2."""
-    parser = argparse.ArgumentParser(description=description)
-    add_arguments(parser, models)
-    config = config_from_args(parser.parse_args(argv))
+    one-line message and exit status 2.
+
+    Args:
+        argv: the arguments (``sys.argv[1:]`` when None).
+        models: ``--model`` name -> factory called as ``factory(num_classes=...)``.
+        description: the script's ``--help`` text.
+        task: what is trained (default: image classification).
+        extra_arguments: adds the script's own flags to the parser.
+        setup_run: ``setup_run(args, config) -> models``: the factories, built from the parsed
+            flags (a script whose models take its own flags); raises ``DataError`` or
+            ``CheckpointError`` for bad input.
+    """
+    task = task or ClassificationTask()
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, models, datasets=task.datasets_accepted,
+                  default_dataset=task.default_dataset)
+    if extra_arguments is not None:
+        extra_arguments(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
     info = setup(config.device)
     try:
-        fit(config, models[config.model], info)
+        factories = models if setup_run is None else setup_run(args, config)
+        fit(config, factories[config.model], info, task)
     except (DataError, ckpt.CheckpointError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

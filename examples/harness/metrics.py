@@ -9,6 +9,7 @@ waits for the GPU; they reach the host once, at the end of the pass.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,23 +74,28 @@ class RunningTotals:
         return Totals(*reduce_sums(self._sums(), info))
 
 
-def write_metrics(path: Path, summary: dict, history: list[dict]) -> None:
+def write_metrics(path: Path, summary: dict, history: list[dict],
+                  headline: str = "test_acc") -> None:
     """Atomically write ``metrics.json``: ``summary`` keys, ``history`` and ``final``.
 
     ``final`` repeats the last epoch's figures and adds the best test accuracy and the total
-    training seconds, so a reader needs no arithmetic.
+    training seconds, so a reader needs no arithmetic. ``headline`` names the figure whose best
+    value is added (``best_test_acc``, ``best_map50``, ``best_miou``), with its epoch.
     """
     final = {}
     if history:
         last = history[-1]
-        final = {**last, "best_test_acc": max(h["test_acc"] for h in history),
+        best = max(history, key=lambda h: h[headline])
+        final = {**last, f"best_{headline}": best[headline], "best_epoch": best["epoch"],
                  "seconds": sum(h["seconds"] for h in history)}
     text = json.dumps({**summary, "history": history, "final": final}, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def plot_curves(path: Path, history: list[dict], title: str) -> None:
-    """Save loss (train and test) and test accuracy against epoch as a PNG (Agg backend)."""
+def plot_curves(path: Path, history: list[dict], title: str,
+                metrics: Sequence[str] = ("train_acc", "test_acc")) -> None:
+    """Save the losses (train, and test where measured) and ``metrics`` (fractions in [0, 1],
+    shown in %) against epoch as a PNG (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,12 +104,13 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5), constrained_layout=True)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy (mean per image)", title="loss")
+    if "test_loss" in history[0]:
+        ax_loss.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss (mean per image)", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [100 * h["train_acc"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [100 * h["test_acc"] for h in history], "s-", label="test")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
+    for key, marker in zip(metrics, "osd^v", strict=False):
+        ax_acc.plot(epochs, [100 * h[key] for h in history], f"{marker}-", label=key)
+    ax_acc.set(xlabel="epoch", ylabel="%", title=", ".join(metrics), ylim=(0, 100))
     ax_acc.legend()
     fig.suptitle(title)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -1,0 +1,308 @@
+"""What differs between classification, detection and segmentation, in one small object each.
+
+The epoch loop (:mod:`~examples.harness.loop`) is the same for every kind of model; a
+:class:`Task` supplies the rest, as torchvision's reference scripts share one set of utilities
+across their classification, detection and segmentation scripts:
+
+- which data sets ``--dataset`` accepts and how they are built (:meth:`Task.datasets`);
+- how samples become a batch (:meth:`Task.collate`, train and test may differ: CutMix is a
+  train-time collation) and how a batch reaches the device (:meth:`Task.to_device`);
+- the training loss of a batch, and its number of right answers where that means something
+  (:meth:`Task.train_loss`);
+- the test metrics (:meth:`Task.evaluator`): running sums on the device for classification,
+  ``torchmetrics`` for mean average precision and mean IoU, all reduced over ranks;
+- the history key that decides the best epoch (:attr:`Task.headline`).
+
+Every per-step figure stays on the device; the host reads the sums once per pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from examples.harness.config import DATASETS, TrainConfig
+from examples.harness.distributed import Dist
+from examples.harness.metrics import RunningTotals
+
+__all__ = [
+    "ClassificationTask",
+    "DetectionTask",
+    "Evaluator",
+    "SegmentationTask",
+    "Task",
+]
+
+Batch = tuple[Any, Any]
+Autocast = Callable[[], Any]
+
+
+class Evaluator(Protocol):
+    """Accumulates one pass over the test data; :meth:`compute` reduces it over ranks."""
+
+    def update(self, net: nn.Module, inputs: Any, targets: Any) -> None: ...
+
+    def compute(self, info: Dist) -> dict[str, float]: ...
+
+
+class Task:
+    """Image classification with cross-entropy; the base of the other tasks.
+
+    Attributes:
+        name: the kind of task, written to ``metrics.json``.
+        headline: history key of the figure that picks the best epoch (higher is better).
+        metrics: history keys the curves plot besides the losses.
+        datasets_accepted: the ``--dataset`` choices.
+        default_dataset: ``--dataset`` when the flag is not given.
+    """
+
+    name = "classification"
+    headline = "test_acc"
+    metrics: tuple[str, ...] = ("train_acc", "test_acc")
+    datasets_accepted: tuple[str, ...] = DATASETS
+    default_dataset = "folder"
+
+    def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
+        """(train, test, class names) for ``config``; raises ``DataError`` naming the path."""
+        from examples.harness.data import build_datasets
+
+        return build_datasets(config)
+
+    def collate(self, samples: Sequence[Any], *, train: bool) -> Batch:
+        """A list of samples -> (inputs, targets)."""
+        return default_collate(samples)
+
+    def to_device(self, batch: Batch, device: torch.device,
+                  memory_format: torch.memory_format) -> Batch:
+        images, labels = batch
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        return images, labels.to(device, non_blocking=True)
+
+    def count(self, targets: Any) -> int:
+        """Images in a batch (known on the host, no device sync)."""
+        return len(targets)
+
+    def train_loss(self, net: nn.Module, inputs: Any, targets: Any, autocast: Autocast
+                   ) -> tuple[Tensor, Tensor | None]:
+        """(mean loss, number of right answers or None) of one training batch.
+
+        Soft targets (N, classes), as CutMix makes them, go through the same cross-entropy;
+        a right answer is then the arg-max of the target.
+        """
+        with autocast():
+            logits = net(inputs).float()
+        loss = F.cross_entropy(logits, targets)
+        hard = targets.argmax(1) if targets.dim() == 2 else targets
+        return loss, (logits.argmax(1) == hard).sum()
+
+    def evaluator(self, num_classes: int, device: torch.device, autocast: Autocast) -> Evaluator:
+        return _ClassificationEvaluator(device, autocast)
+
+    def describe(self, h: dict) -> str:
+        """The figures of one epoch for the one-line log."""
+        return (f"train loss {h['train_loss']:.4f} acc {h['train_acc']:.1%} | test loss "
+                f"{h['test_loss']:.4f} acc {h['test_acc']:.1%}")
+
+
+class ClassificationTask(Task):
+    """Image classification, optionally with a train-time batch mix (CutMix, MixUp).
+
+    Args:
+        build: ``build(config) -> (train, test, classes)``; default: the harness's ImageFolder,
+            CIFAR-10 and digits loaders (:func:`~examples.harness.data.build_datasets`).
+        mix: applied to every collated train batch, ``mix(images, labels) -> (images,
+            targets)`` (``torchvision.transforms.v2.CutMix`` gives soft targets (N, classes),
+            which the loss takes as they are); test batches are never mixed.
+        datasets_accepted: the ``--dataset`` choices ``build`` understands.
+        default_dataset: the default ``--dataset``.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[TrainConfig], tuple[Dataset, Dataset, list[str]]] | None = None,
+        mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        datasets_accepted: tuple[str, ...] = DATASETS,
+        default_dataset: str = "folder",
+    ) -> None:
+        self.build = build
+        self.mix = mix
+        self.datasets_accepted = datasets_accepted
+        self.default_dataset = default_dataset
+
+    def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
+        return super().datasets(config) if self.build is None else self.build(config)
+
+    def collate(self, samples: Sequence[Any], *, train: bool) -> Batch:
+        images, labels = default_collate(samples)
+        if train and self.mix is not None:
+            return self.mix(images, labels)
+        return images, labels
+
+
+class _ClassificationEvaluator:
+    def __init__(self, device: torch.device, autocast: Autocast) -> None:
+        self.totals = RunningTotals(device)
+        self.autocast = autocast
+
+    def update(self, net: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+        with self.autocast():
+            logits = net(inputs).float()
+        loss = F.cross_entropy(logits, targets)
+        self.totals.update(loss, (logits.argmax(1) == targets).sum(), targets.numel())
+
+    def compute(self, info: Dist) -> dict[str, float]:
+        sums = self.totals.reduced(info)
+        return {"test_loss": sums.loss, "test_acc": sums.accuracy, "test_images": int(sums.count)}
+
+
+class DetectionTask(Task):
+    """Object detection with a torchvision detector (``model(images, targets)`` -> loss dict).
+
+    A batch is a list of images and a list of ``{"boxes", "labels"}`` dicts. The training loss
+    is the sum of the detector's losses; the test metrics are COCO's mean average precision
+    over IoU 0.5:0.95 (``map``) and at IoU 0.5 (``map50``) from
+    ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend).
+
+    Args:
+        build: ``build(config) -> (train, test, classes)``, the detection data sets.
+        datasets_accepted: the ``--dataset`` choices ``build`` understands.
+        default_dataset: the default ``--dataset``.
+    """
+
+    name = "detection"
+    headline = "map50"
+    metrics = ("map", "map50")
+
+    def __init__(self, build: Callable[[TrainConfig], tuple[Dataset, Dataset, list[str]]],
+                 datasets_accepted: tuple[str, ...], default_dataset: str) -> None:
+        self.build = build
+        self.datasets_accepted = datasets_accepted
+        self.default_dataset = default_dataset
+
+    def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
+        return self.build(config)
+
+    def collate(self, samples: Sequence[Any], *, train: bool) -> Batch:
+        images, targets = zip(*samples, strict=True)
+        return list(images), list(targets)
+
+    def to_device(self, batch: Batch, device: torch.device,
+                  memory_format: torch.memory_format) -> Batch:
+        images, targets = batch
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        return images, targets
+
+    def train_loss(self, net: nn.Module, inputs: Any, targets: Any, autocast: Autocast
+                   ) -> tuple[Tensor, Tensor | None]:
+        with autocast():
+            losses = net(inputs, targets)
+        return sum(loss.float() for loss in losses.values()), None
+
+    def evaluator(self, num_classes: int, device: torch.device, autocast: Autocast) -> Evaluator:
+        return _DetectionEvaluator(device, autocast)
+
+    def describe(self, h: dict) -> str:
+        return (f"train loss {h['train_loss']:.4f} | mAP {h['map']:.3f} "
+                f"mAP@0.5 {h['map50']:.3f}")
+
+
+class _DetectionEvaluator:
+    def __init__(self, device: torch.device, autocast: Autocast) -> None:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(device)
+        self.autocast = autocast
+        self.images = RunningTotals(device)
+
+    def update(self, net: nn.Module, inputs: list[Tensor], targets: list[dict]) -> None:
+        with self.autocast():
+            detections = net(inputs)
+        preds = [{k: d[k].float() if k != "labels" else d[k] for k in ("boxes", "scores", "labels")}
+                 for d in detections]
+        self.metric.update(preds, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        nothing = torch.zeros((), dtype=torch.int64, device=self.images.correct.device)
+        self.images.update(nothing, nothing, len(inputs))
+
+    def compute(self, info: Dist) -> dict[str, float]:
+        # torchmetrics gathers the states of every rank itself when a process group exists.
+        result = self.metric.compute()
+        images = self.images.reduced(info).count
+        return {"map": float(result["map"]), "map50": float(result["map_50"]),
+                "test_images": int(images)}
+
+
+class SegmentationTask(Task):
+    """Semantic segmentation: per-pixel cross-entropy, ``ignore_index`` pixels left out.
+
+    A batch is images (N, 3, H, W) and masks (N, H, W) of class indices. The test metrics are
+    the mean IoU over classes (``miou``) and the pixel accuracy (``pixel_acc``) from
+    ``torchmetrics`` (``MulticlassJaccardIndex``, ``MulticlassAccuracy(average="micro")``),
+    and the mean test loss.
+
+    Args:
+        build: ``build(config) -> (train, test, classes)``, the segmentation data sets.
+        datasets_accepted: the ``--dataset`` choices ``build`` understands.
+        default_dataset: the default ``--dataset``.
+        ignore_index: mask value that is not scored (255, as in VOC).
+    """
+
+    name = "segmentation"
+    headline = "miou"
+    metrics = ("miou", "pixel_acc")
+
+    def __init__(self, build: Callable[[TrainConfig], tuple[Dataset, Dataset, list[str]]],
+                 datasets_accepted: tuple[str, ...], default_dataset: str,
+                 ignore_index: int = 255) -> None:
+        self.build = build
+        self.datasets_accepted = datasets_accepted
+        self.default_dataset = default_dataset
+        self.ignore_index = ignore_index
+
+    def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
+        return self.build(config)
+
+    def train_loss(self, net: nn.Module, inputs: Any, targets: Any, autocast: Autocast
+                   ) -> tuple[Tensor, Tensor | None]:
+        with autocast():
+            logits = net(inputs).float()
+        return F.cross_entropy(logits, targets, ignore_index=self.ignore_index), None
+
+    def evaluator(self, num_classes: int, device: torch.device, autocast: Autocast) -> Evaluator:
+        return _SegmentationEvaluator(num_classes, self.ignore_index, device, autocast)
+
+    def describe(self, h: dict) -> str:
+        return (f"train loss {h['train_loss']:.4f} | test loss {h['test_loss']:.4f} "
+                f"mIoU {h['miou']:.3f} pixel acc {h['pixel_acc']:.1%}")
+
+
+class _SegmentationEvaluator:
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device,
+                 autocast: Autocast) -> None:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+        self.iou = MulticlassJaccardIndex(num_classes, ignore_index=ignore_index).to(device)
+        self.pixels = MulticlassAccuracy(num_classes, average="micro",
+                                         ignore_index=ignore_index).to(device)
+        self.totals = RunningTotals(device)
+        self.ignore_index = ignore_index
+        self.autocast = autocast
+
+    def update(self, net: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+        with self.autocast():
+            logits = net(inputs).float()
+        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_index)
+        predicted = logits.argmax(1)
+        self.iou.update(predicted, targets)
+        self.pixels.update(predicted, targets)
+        self.totals.update(loss, loss.new_zeros((), dtype=torch.int64), len(targets))
+
+    def compute(self, info: Dist) -> dict[str, float]:
+        sums = self.totals.reduced(info)
+        return {"test_loss": sums.loss, "miou": float(self.iou.compute()),
+                "pixel_acc": float(self.pixels.compute()), "test_images": int(sums.count)}
