@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -100,17 +101,19 @@ class TransposedConvUpsampler(nn.Module):
                     f"TransposedConvUpsampler(scale={s}) can produce sizes {low}..{high} from "
                     f"an input of size {size_in}, got output_size {tuple(target)}"
                 )
+        # output_padding adds rows past scale * H; with kernel = stride = scale they see no
+        # input, so they hold the bias alone, as a larger transposed convolution would.
         exact = [s * size for size in x.shape[-2:]]
-        grown = [max(t, e) for t, e in zip(target, exact)]
-        if grown == exact:
-            out = self.conv(x)
-        else:
-            # output_padding adds rows past scale * H; with kernel = stride = scale they see no
-            # input, so they hold the bias alone, as a larger transposed convolution would.
-            out = self.conv(x, output_size=grown)
-        if grown != list(target):
-            out = out[..., : target[0], : target[1]]
-        return self.norm(out)
+        if torch.compiler.is_compiling():
+            # One graph for every size (torch.compile(dynamic=True), torch.export): always the
+            # largest reachable map, then a crop. Branching on the sizes as below would guard
+            # on "target == scale x input" and recompile when an odd size comes.
+            out = self.conv(x, output_size=[e + s - 1 for e in exact])
+            return self.norm(out[..., : target[0], : target[1]])
+        if target == tuple(exact):
+            return self.norm(self.conv(x))
+        out = self.conv(x, output_size=[max(t, e) for t, e in zip(target, exact)])
+        return self.norm(out[..., : target[0], : target[1]])
 
     def extra_repr(self) -> str:
         return (
