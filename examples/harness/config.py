@@ -15,7 +15,7 @@ momentum ``--momentum``) is there for the classic recipe.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -85,10 +85,11 @@ def _fraction(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str], *,
-                  datasets: Iterable[str] = DATASETS, default_dataset: str = "folder") -> None:
+                  datasets: Iterable[str] = DATASETS, default_dataset: str = "folder",
+                  model_flags: Sequence[str] = ("--model",)) -> None:
     """Add the harness flags to ``parser``; ``models`` are the accepted ``--model`` names and
-    ``datasets`` the ``--dataset`` choices (a script changes other defaults with
-    ``parser.set_defaults``)."""
+    ``datasets`` the ``--dataset`` choices; ``model_flags`` spell the model flag (the detector
+    takes ``--neck``). A script changes other defaults with ``parser.set_defaults``."""
     models = sorted(models)
     d = TrainConfig(model=models[0], out=Path("runs/train"), dataset=default_dataset)
     data = parser.add_argument_group("data")
@@ -106,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str], *,
     data.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for in-memory "
                       "data, else min(4, CPUs))")
     train = parser.add_argument_group("training")
-    train.add_argument("--model", choices=models, required=True)
+    train.add_argument(*model_flags, dest="model", choices=models, required=True)
     train.add_argument("--epochs", type=_positive, default=d.epochs,
                        help="total epochs; the rate falls on a cosine from --lr to 0 over them. "
                        "With --resume and another count, the finished epochs stay and a new "

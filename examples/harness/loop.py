@@ -20,7 +20,7 @@ import itertools
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 
@@ -316,7 +316,8 @@ def main(argv: list[str] | None, models: Mapping[str, ModelFactory], description
          task: Task | None = None,
          extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
          setup_run: Callable[[argparse.Namespace, TrainConfig],
-                             Mapping[str, ModelFactory]] | None = None) -> int:
+                             Mapping[str, ModelFactory]] | None = None,
+         model_flags: Sequence[str] = ("--model",)) -> int:
     """Parse flags, train under torchrun or alone, and turn data/checkpoint errors into a
     one-line message and exit status 2.
 
@@ -329,12 +330,13 @@ def main(argv: list[str] | None, models: Mapping[str, ModelFactory], description
         setup_run: ``setup_run(args, config) -> models``: the factories, built from the parsed
             flags (a script whose models take its own flags); raises ``DataError`` or
             ``CheckpointError`` for bad input.
+        model_flags: how the model flag is spelled (``("--neck", "--model")``).
     """
     task = task or ClassificationTask()
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, models, datasets=task.datasets_accepted,
-                  default_dataset=task.default_dataset)
+                  default_dataset=task.default_dataset, model_flags=model_flags)
     if extra_arguments is not None:
         extra_arguments(parser)
     args = parser.parse_args(argv)
