@@ -31,9 +31,25 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from dilconv import BiFPN, FPNNeck
 
-__all__ = ["BACKBONES", "NECKS", "NeckedBackbone", "WidthNeck", "backbone_levels", "build_ssd"]
+__all__ = [
+    "BACKBONES",
+    "NECKS",
+    "NeckedBackbone",
+    "WidthNeck",
+    "backbone_levels",
+    "build_ssd",
+    "efficientnet",
+]
 
-BACKBONES = tuple(f"efficientnet_b{i}" for i in range(8))
+BACKBONES = (*(f"efficientnet_b{i}" for i in range(8)), "efficientnet_tiny")
+"""torchvision's EfficientNets, and ``efficientnet_tiny``: torchvision's ``EfficientNet`` class
+with b0's stages at half the width and half the depth (about a tenth of b0's cost), for tests
+and CPU demos."""
+
+# b0's stages (Tan & Le 2019, table 1): expand ratio, kernel, stride, in, out, layers.
+_B0_STAGES = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2),
+              (6, 3, 2, 40, 80, 3), (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4),
+              (6, 3, 1, 192, 320, 1))
 STRIDES = (8, 16, 32)
 
 
@@ -72,6 +88,16 @@ NECKS: dict[str, NeckFactory] = {
     "bifpn": lambda channels: BiFPN(channels, 64, num_layers=3, num_levels=5),
 }
 """Neck name -> factory taking the backbone's ``{"c3": channels, "c4": ..., "c5": ...}``."""
+
+
+def efficientnet(name: str) -> nn.Module:
+    """A torchvision EfficientNet without weights, by name (see :data:`BACKBONES`)."""
+    if name == "efficientnet_tiny":
+        from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+
+        stages = [MBConvConfig(*stage, width_mult=0.5, depth_mult=0.5) for stage in _B0_STAGES]
+        return EfficientNet(stages, dropout=0.2)
+    return getattr(torchvision.models, name)(weights=None)
 
 
 def backbone_levels(model: nn.Module) -> dict[str, str]:
@@ -122,7 +148,8 @@ def build_ssd(
         neck: a key of :data:`NECKS`.
         num_classes: classes including the background (label 0).
         image_size: ``(H, W)`` every image is resized to (the study used 512 x 640).
-        backbone: any torchvision EfficientNet (``efficientnet_b0`` ... ``b7``).
+        backbone: any torchvision EfficientNet (``efficientnet_b0`` ... ``b7``), or
+            ``efficientnet_tiny`` for tests and CPU demos.
         weights: a local state_dict of that EfficientNet (ImageNet weights, say); none by
             default, nothing is downloaded.
 
@@ -139,7 +166,7 @@ def build_ssd(
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too and must be >= 2, got "
                          f"{num_classes}")
-    net = getattr(torchvision.models, backbone)(weights=None)
+    net = efficientnet(backbone)
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
@@ -155,4 +182,5 @@ def build_ssd(
     anchors = DefaultBoxGenerator([[2, 3]] * count)
     head = SSDHead([f.shape[1] for f in levels.values()],
                    anchors.num_anchors_per_location(), num_classes)
-    return SSD(trunk, anchors, tuple(image_size), num_classes, head=head)
+    # COCO scores at most 100 detections per image (torchmetrics' default too).
+    return SSD(trunk, anchors, tuple(image_size), num_classes, head=head, detections_per_img=100)
