@@ -107,3 +107,26 @@ def test_bad_arguments_are_refused():
         build_ssd("width", 3, (64, 64), "resnet50")
     with pytest.raises(ValueError, match="num_classes"):
         build_ssd("width", 1, (64, 64), "efficientnet_b0")
+
+
+def test_level_table_prints_the_seed_and_the_real_b4(capsys):
+    from examples.detector_neck.demo import SEED_LEVELS, level_table
+
+    level_table()
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert len(rows) == len(SEED_LEVELS)
+    assert [r[-1] for r in rows if r[-1].startswith("c")] == ["c3", "c4", "c5"]
+    # Where the seed halves every level, the real stage 5 keeps stage 4's stride.
+    assert rows[3][3] == rows[4][3] == "16"
+
+
+def test_detection_figure_is_written(tmp_path):
+    from examples.detector_neck.data import DigitsCanvas, detection_transforms
+    from examples.detector_neck.demo import draw_detections
+
+    model = build_ssd("fpn_bilinear", 11, (64, 64), "efficientnet_tiny")
+    data = DigitsCanvas("val", count=2, transforms=detection_transforms((64, 64), train=False))
+    images, targets = zip(*(data[i] for i in range(2)), strict=True)
+    path = draw_detections(model, list(images), list(targets), tmp_path / "sub" / "boxes.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
