@@ -22,18 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
 from examples.harness.checkpoint import atomic_write
-from examples.harness.data import SPLIT_SEED, DataError
+from examples.harness.data import SPLIT_SEED, DataError, limited
 
 __all__ = [
     "CANVAS_CLASSES",
     "CocoDetectionData",
     "DigitsCanvas",
+    "digit_glyphs",
+    "ink_crop",
     "Target",
     "build_detection_datasets",
     "collate_detection",
@@ -54,7 +56,8 @@ _EDGE_TOLERANCE = 1.0
 
 
 @cache
-def _digit_glyphs() -> tuple[Tensor, Tensor]:
+def digit_glyphs() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 digits as (images (N, 8, 8) in [0, 1], labels (N,)), loaded once."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -62,7 +65,8 @@ def _digit_glyphs() -> tuple[Tensor, Tensor]:
             torch.as_tensor(bunch.target, dtype=torch.int64))
 
 
-def _ink_crop(glyph: Tensor) -> Tensor:
+def ink_crop(glyph: Tensor) -> Tensor:
+    """The smallest rectangle of ``glyph`` (H, W) that holds all its non-zero pixels."""
     rows, cols = glyph.any(1).nonzero()[:, 0], glyph.any(0).nonzero()[:, 0]
     return glyph[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
@@ -120,7 +124,7 @@ class DigitsCanvas(Dataset):
         if not 1 <= digit_size[0] <= digit_size[1] <= min(canvas_size):
             raise ValueError(f"digit_size must satisfy 1 <= min <= max <= min(canvas_size) = "
                              f"{min(canvas_size)}, got {digit_size}")
-        n_digits = len(_digit_glyphs()[1])
+        n_digits = len(digit_glyphs()[1])
         n_train = int(_TRAIN_FRACTION * n_digits)
         self.split, self.count, self.seed = split, count, seed
         self.canvas_size, self.max_objects = canvas_size, max_objects
@@ -137,7 +141,7 @@ class DigitsCanvas(Dataset):
         return _finish(image, boxes, labels, self.transforms)
 
     def _render(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        glyphs, digits = _digit_glyphs()
+        glyphs, digits = digit_glyphs()
         rng = np.random.default_rng((self.seed, _SPLITS.index(self.split), index))
         height, width = self.canvas_size
         image = (torch.from_numpy(rng.uniform(0.0, 0.2, (3, 1, 1)))
@@ -146,7 +150,7 @@ class DigitsCanvas(Dataset):
         labels: list[int] = []
         for _ in range(int(rng.integers(1, self.max_objects + 1))):
             digit = self.digit_indices[int(rng.integers(len(self.digit_indices)))]
-            glyph = _ink_crop(glyphs[digit])
+            glyph = ink_crop(glyphs[digit])
             scale = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1)) / max(glyph.shape)
             h, w = (max(1, round(side * scale)) for side in glyph.shape)
             for _ in range(_PLACEMENT_TRIES):
@@ -331,14 +335,6 @@ def collate_detection(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tens
     return [image for image, _ in batch], [target for _, target in batch]
 
 
-def _limited(dataset: Dataset, limit: int | None) -> Dataset:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    generator = torch.Generator().manual_seed(SPLIT_SEED)
-    keep = torch.randperm(len(dataset), generator=generator)[:limit]
-    return Subset(dataset, sorted(keep.tolist()))
-
-
 def build_detection_datasets(dataset: str, data: Path | None, image_size: tuple[int, int],
                              limit: int | None, seed: int, train_count: int = 512,
                              val_count: int = 128) -> tuple[Dataset, Dataset, list[str]]:
@@ -369,4 +365,4 @@ def build_detection_datasets(dataset: str, data: Path | None, image_size: tuple[
     else:
         raise DataError(f"unknown detection data set {dataset!r}; expected 'digits-canvas' or "
                         "'coco'")
-    return _limited(train, limit), _limited(val, limit), classes
+    return limited(train, limit), limited(val, limit), classes

@@ -32,8 +32,8 @@ from torchvision import datasets, tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
-from examples.detector_neck.data import _digit_glyphs, _ink_crop, _limited
-from examples.harness.data import SPLIT_SEED, DataError
+from examples.detector_neck.data import digit_glyphs, ink_crop
+from examples.harness.data import SPLIT_SEED, DataError, limited
 
 __all__ = [
     "CANVAS_CLASSES",
@@ -329,7 +329,7 @@ class DigitsSegmentationCanvas(Dataset):
                              f"{shorter}, got {digit_size}")
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-        n_digits = len(_digit_glyphs()[1])
+        n_digits = len(digit_glyphs()[1])
         n_train = int(_TRAIN_DIGITS * n_digits)
         self.split, self.count, self.seed = split, count, seed
         self.canvas_size, self.max_digits, self.digit_size = canvas_size, max_digits, digit_size
@@ -365,7 +365,7 @@ class DigitsSegmentationCanvas(Dataset):
         return None
 
     def _render(self, index: int) -> tuple[Tensor, Tensor, list[Placement]]:
-        glyphs, targets = _digit_glyphs()
+        glyphs, targets = digit_glyphs()
         rng = np.random.default_rng((self.seed, _SPLITS.index(self.split), index))
         height, width = self.canvas_size
         image = (torch.from_numpy(rng.uniform(0.0, 0.2, (3, 1, 1)))
@@ -374,7 +374,7 @@ class DigitsSegmentationCanvas(Dataset):
         placed: list[Placement] = []
         for _ in range(int(rng.integers(1, self.max_digits + 1))):
             digit = self.digit_indices[int(rng.integers(len(self.digit_indices)))]
-            glyph = _ink_crop(glyphs[digit])
+            glyph = ink_crop(glyphs[digit])
             longer = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1))
             h, w = (max(1, round(side * longer / max(glyph.shape))) for side in glyph.shape)
             spot = self._free_spot(rng, h, w, placed)
@@ -446,4 +446,4 @@ def build_segmentation_datasets(dataset: str, data: Path | None,
         classes = list(VOC_CLASSES)
     else:
         train, val, classes = segmentation_folder(Path(data), train_tf, val_tf)
-    return _limited(train, limit), _limited(val, limit), classes
+    return limited(train, limit), limited(val, limit), classes

@@ -19,7 +19,15 @@ from torchvision import datasets, transforms
 
 from examples.harness.config import TrainConfig
 
-__all__ = ["SPLIT_SEED", "DataError", "build_datasets", "digits", "image_folder", "split_indices"]
+__all__ = [
+    "SPLIT_SEED",
+    "DataError",
+    "build_datasets",
+    "digits",
+    "image_folder",
+    "limited",
+    "split_indices",
+]
 
 SPLIT_SEED = 0
 
@@ -115,7 +123,8 @@ def cifar10(root: Path, image_size: int, download: bool) -> tuple[Dataset, Datas
     return train, test, list(train.classes)
 
 
-def _limited(dataset: Dataset, limit: int | None) -> Dataset:
+def limited(dataset: Dataset, limit: int | None) -> Dataset:
+    """At most ``limit`` items of ``dataset``, drawn with :data:`SPLIT_SEED` (all when None)."""
     if limit is None or limit >= len(dataset):
         return dataset
     generator = torch.Generator().manual_seed(SPLIT_SEED)
@@ -137,4 +146,4 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
     if len(classes) < 2:
         raise DataError(f"{config.data or config.dataset} has {len(classes)} class; "
                         "a classifier needs at least 2")
-    return _limited(train, config.limit), _limited(test, config.limit), classes
+    return limited(train, config.limit), limited(test, config.limit), classes
