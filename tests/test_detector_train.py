@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,8 @@ from examples.detector_neck.models import build_ssd
 from examples.harness.distributed import Dist
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
+from run_helpers import REPO, kill_after_first_checkpoint, subprocess_env
+
 SIZE = 64
 
 
@@ -30,9 +28,7 @@ def _flags(out: Path, *extra: str, neck: str = "fpn_bilinear", epochs: int = 1,
             "--quiet", *extra]
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+_env = subprocess_env
 
 
 def _script(*args: str) -> list[str]:
@@ -125,19 +121,8 @@ def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     reference = subprocess.Popen(_script(*_flags(straight, epochs=epochs, limit=limit)),
                                  cwd=REPO, env=_env())
-    victim = subprocess.Popen(_script(*_flags(killed, epochs=epochs, limit=limit)), cwd=REPO,
-                              env=_env(), stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (killed / "checkpoint.pt").exists():
-        assert victim.poll() is None, victim.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    victim.stderr.close()
-    done = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
-    assert 1 <= done < epochs, "the run must die before its last epoch"
+    kill_after_first_checkpoint(_script(*_flags(killed, epochs=epochs, limit=limit)), killed,
+                                epochs)
     subprocess.run(_script(*_flags(killed, "--resume", epochs=epochs, limit=limit)), cwd=REPO,
                    env=_env(), check=True, timeout=600)
     assert reference.wait(timeout=600) == 0

@@ -8,12 +8,9 @@ thread each, so two of them share two cores.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,8 @@ from examples.dfpn_classifier.models import MODELS
 from examples.harness import TrainConfig, fit
 from examples.harness.checkpoint import FORMAT
 
-REPO = Path(__file__).resolve().parents[1]
+from run_helpers import REPO, kill_after_first_checkpoint, subprocess_env
+
 MODEL = "resnet50"
 
 
@@ -41,9 +39,7 @@ def _flags(out: Path, *extra: str, epochs: int = 1, limit: int = 32, model: str 
             "--limit", str(limit), "--epochs", str(epochs), "--out", str(out), "--quiet", *extra]
 
 
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+_env = subprocess_env
 
 
 def _script(*args: str) -> list[str]:
@@ -176,19 +172,8 @@ def test_sigkill_mid_epoch_then_resume_loses_and_repeats_no_epoch(tmp_path):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     reference = subprocess.Popen(_script(*_flags(straight, epochs=epochs, limit=limit)),
                                  cwd=REPO, env=_env())
-    victim = subprocess.Popen(_script(*_flags(killed, epochs=epochs, limit=limit)), cwd=REPO,
-                              env=_env(), stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not (killed / "checkpoint.pt").exists():
-        assert victim.poll() is None, victim.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    victim.stderr.close()
-    done = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
-    assert 1 <= done < epochs, "the run must die before its last epoch"
+    kill_after_first_checkpoint(_script(*_flags(killed, epochs=epochs, limit=limit)), killed,
+                                epochs, timeout=240)
     subprocess.run(_script(*_flags(killed, "--resume", epochs=epochs, limit=limit)), cwd=REPO,
                    env=_env(), check=True, timeout=300)
     assert reference.wait(timeout=300) == 0
