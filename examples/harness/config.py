@@ -9,7 +9,8 @@ on a new cosine to 0 over the remaining epochs, never jumping up (formulas in
 per-parameter step size matters here: the study's networks start with gradient norms in the
 hundreds (no zero-initialised last BN in the residual branches, no normalisation in the FPN
 neck), which makes SGD at lr 0.01 diverge on the FPN variants. ``--optimizer sgd`` (Nesterov
-momentum ``--momentum``) is there for the classic recipe.
+momentum ``--momentum``; plain momentum with ``--no-nesterov``) is there for the classic recipe,
+and ``--lr-milestones 100 150 --lr-gamma 0.1`` replaces the cosine by steps (``MultiStepLR``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 1e-3
     momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 0.01
+    lr_milestones: Sequence[int] = ()
+    """Epochs after which the rate is multiplied by ``lr_gamma``; empty: the cosine."""
+    lr_gamma: float = 0.1
     workers: int | None = None
     device: str = "auto"
     amp: bool = False
@@ -84,6 +89,23 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+class _Increasing(argparse.Action):
+    """Stores a list of ints that must rise strictly (the milestones)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Sequence[int], option_string: str | None = None) -> None:
+        if any(a >= b for a, b in zip(values, values[1:])):
+            parser.error(f"{option_string} must rise strictly, got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, list(values))
+
+
 def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str], *,
                   datasets: Iterable[str] = DATASETS, default_dataset: str = "folder",
                   model_flags: Sequence[str] = ("--model",)) -> None:
@@ -109,13 +131,22 @@ def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str], *,
     train = parser.add_argument_group("training")
     train.add_argument(*model_flags, dest="model", choices=models, required=True)
     train.add_argument("--epochs", type=_positive, default=d.epochs,
-                       help="total epochs; the rate falls on a cosine from --lr to 0 over them. "
-                       "With --resume and another count, the finished epochs stay and a new "
-                       "cosine runs from the last one's rate to 0 over the epochs left")
+                       help="total epochs; the rate falls on a cosine from --lr to 0 over them "
+                       "(unless --lr-milestones). With --resume and another count, the finished "
+                       "epochs stay and a new cosine runs from the last one's rate to 0 over the "
+                       "epochs left")
     train.add_argument("--batch-size", type=_positive, default=d.batch_size, help="per process")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     train.add_argument("--lr", type=float, default=d.lr, help="peak (initial) learning rate")
     train.add_argument("--momentum", type=float, default=d.momentum, help="SGD only")
+    train.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
+                       help="SGD only: Nesterov momentum (--no-nesterov: plain momentum)")
+    train.add_argument("--lr-milestones", type=_positive, nargs="*", action=_Increasing,
+                       default=list(d.lr_milestones), metavar="EPOCH",
+                       help="multiply the rate by --lr-gamma after each of these epochs "
+                       "(MultiStepLR) instead of the cosine; given without epochs: the cosine")
+    train.add_argument("--lr-gamma", type=_positive_float, default=d.lr_gamma,
+                       help="factor of each --lr-milestones step")
     train.add_argument("--weight-decay", type=float, default=d.weight_decay)
     train.add_argument("--seed", type=int, default=d.seed)
     run = parser.add_argument_group("run")

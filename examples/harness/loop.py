@@ -1,6 +1,6 @@
 """The epoch loop: :func:`fit` trains one model on one data set; :func:`main` is the script entry.
 
-Optimiser: AdamW (or SGD) with a per-epoch cosine schedule (see
+Optimiser: AdamW (or SGD) with a per-epoch cosine schedule, or steps at ``--lr-milestones`` (see
 :mod:`~examples.harness.config`; what a resume with another ``--epochs`` does is in
 :mod:`~examples.harness.schedule`). ``history[i]["lr"]`` is the rate epoch ``i + 1`` trained at.
 The train order of epoch ``e`` is the permutation drawn from ``seed + e``
@@ -43,7 +43,13 @@ from examples.harness.distributed import (
     wrap_ddp,
 )
 from examples.harness.metrics import RunningTotals, plot_curves, write_metrics
-from examples.harness.schedule import CosineSchedule
+from examples.harness.schedule import (
+    CosineSchedule,
+    Schedule,
+    make_schedule,
+    resumed_schedule,
+    schedule_from_state_dict,
+)
 from examples.harness.tasks import ClassificationTask, Evaluator, Task
 
 __all__ = ["POSTFIX_EVERY", "evaluate", "fit", "main", "train_one_epoch"]
@@ -156,7 +162,8 @@ def _resume_state(config: TrainConfig, num_classes: int) -> dict | str | None:
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               nesterov=config.momentum > 0, weight_decay=config.weight_decay)
+                               nesterov=config.nesterov and config.momentum > 0,
+                               weight_decay=config.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -218,7 +225,7 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
     if config.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     optimizer = _optimizer(raw, config)
-    schedule = CosineSchedule.over(config.epochs)
+    schedule = make_schedule(config.epochs, config.lr_milestones, config.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and info.device.type == "cuda")
     history: list[dict] = []
     show = info.is_main and not config.quiet
@@ -226,15 +233,20 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
         try:
             raw.load_state_dict(state["model_state"])
             optimizer.load_state_dict(state["optimizer_state"])
-            saved = CosineSchedule.from_state_dict(state["schedule"])
+            saved = schedule_from_state_dict(state["schedule"])
             scaler.load_state_dict(state["scaler_state"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ckpt.CheckpointError(f"{config.out / 'checkpoint.pt'} does not fit this model "
                                        f"({exc}); it was left untouched") from exc
         ckpt.set_rng_state(state["rng"])
         history = list(state["history"])
-        schedule = saved.resumed(len(history), config.epochs)
-        if show and schedule != saved:
+        try:
+            schedule = resumed_schedule(saved, len(history), config.epochs,
+                                        config.lr_milestones, config.lr_gamma)
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"{config.out / 'checkpoint.pt'} cannot be resumed: {exc} "
+                                       "(it was left untouched)") from exc
+        if show and isinstance(saved, CosineSchedule) and schedule != saved:
             tqdm.write(f"--epochs {config.epochs}, not {saved.epochs}: the learning rate falls "
                        f"on a new cosine from epoch {len(history)}'s {history[-1]['lr']:.3g} to 0 "
                        f"at epoch {config.epochs}")
@@ -285,7 +297,7 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
 
 
 def _save(config: TrainConfig, raw: nn.Module, optimizer: torch.optim.Optimizer,
-          schedule: CosineSchedule, scaler: torch.amp.GradScaler, history: list[dict],
+          schedule: Schedule, scaler: torch.amp.GradScaler, history: list[dict],
           num_classes: int) -> None:
     if not config.checkpoint:
         return

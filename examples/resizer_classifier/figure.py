@@ -7,11 +7,13 @@ Examples::
 
     python -m examples.resizer_classifier.figure --model vgg16_resizer_cbam --arch vgg_tiny \\
         --output-size 64 --dataset digits --count 4 --out runs/fig.png
-    python -m examples.resizer_classifier.figure --model vgg16_resizer_cbam \\
-        --checkpoint runs/cbam/checkpoint.pt --dataset cifar10 --data ~/cifar --out runs/fig8.png
+    python -m examples.resizer_classifier.figure --checkpoint runs/cbam/best.pt \\
+        --out runs/fig8.png
 
-Without ``--checkpoint`` the model is untrained (``--seed`` draws its weights). ``--arch``,
-``--output-size`` and ``--normalize`` must be what the checkpoint was trained with.
+Without ``--checkpoint`` the model is untrained (``--seed`` draws its weights). A checkpoint of
+``python -m examples.resizer_classifier.train`` says its model, ``--arch``, ``--output-size``,
+``--normalize``, ``--image-size`` and, for digits or CIFAR-10, ``--dataset`` and ``--data``;
+flags given here win over it. Other checkpoints need them given as they were trained.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from torchvision import datasets, transforms
 from dilconv import LearnableResizer
 from examples.harness.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from examples.harness.data import DataError, digits
+from examples.resizer_classifier.data import IMAGENET_MEAN, IMAGENET_STD
 from examples.resizer_classifier.models import ARCHS, MODELS, ResizedClassifier
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "main", "resizer_figure"]
 
-# The study normalises its inputs with ImageNet's statistics (seed 003, "data pre-processing").
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Used where a flag is neither given nor found in the checkpoint.
+FALLBACK = {"model": "vgg16_resizer_cbam", "arch": "vgg16", "output_size": 224,
+            "dataset": "digits", "data": None, "image_size": 32, "normalize": "none"}
 
 
 def resizer_figure(
@@ -171,21 +174,56 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m examples.resizer_classifier.figure", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="vgg16_resizer_cbam")
+    parser.add_argument("--model", choices=sorted(MODELS),
+                        help=f"default: the checkpoint's, else {FALLBACK['model']}")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint.pt of a train run (default: an untrained model)")
-    parser.add_argument("--arch", choices=ARCHS, default="vgg16")
-    parser.add_argument("--output-size", type=int, default=224)
-    parser.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
-    parser.add_argument("--data", type=Path, default=None, help="CIFAR-10 folder (no download)")
-    parser.add_argument("--image-size", type=int, default=32,
-                        help="size of the low-resolution input images")
+                        help="checkpoint.pt or best.pt of a train run (default: an untrained "
+                        "model)")
+    parser.add_argument("--arch", choices=ARCHS,
+                        help=f"default: the checkpoint's, else {FALLBACK['arch']}")
+    parser.add_argument("--output-size", type=int,
+                        help=f"default: the checkpoint's, else {FALLBACK['output_size']}")
+    parser.add_argument("--dataset", choices=("digits", "cifar10"),
+                        help=f"default: the checkpoint's, else {FALLBACK['dataset']}")
+    parser.add_argument("--data", type=Path, help="CIFAR-10 folder (no download)")
+    parser.add_argument("--image-size", type=int,
+                        help="size of the low-resolution input images (default: the "
+                        f"checkpoint's, else {FALLBACK['image_size']})")
     parser.add_argument("--count", type=int, default=4, help="number of test images")
-    parser.add_argument("--normalize", choices=("none", "imagenet"), default="none",
-                        help="input normalisation the model was trained with")
+    parser.add_argument("--normalize", choices=("none", "imagenet"),
+                        help="input normalisation the model was trained with (default: the "
+                        f"checkpoint's, else {FALLBACK['normalize']})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     return parser
+
+
+def _trained_with(path: Path) -> dict[str, object]:
+    """What a train run's checkpoint says about its flags; empty if it says nothing (a damaged
+    file is refused later, with its reason, by ``load_checkpoint``)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types for a damaged zip or pickle
+        return {}
+    if not isinstance(state, dict):
+        return {}
+    config = state.get("config") or {}
+    options = config.get("options") or {}
+    found = {"model": state.get("model"), "image_size": config.get("image_size"),
+             **{k: options.get(k) for k in ("arch", "output_size", "normalize")}}
+    if config.get("dataset") in ("digits", "cifar10"):
+        found.update(dataset=config["dataset"], data=config.get("data"))
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _settle(args: argparse.Namespace) -> None:
+    """Fill the flags not given from the checkpoint, then from :data:`FALLBACK`."""
+    found = _trained_with(args.checkpoint) if args.checkpoint is not None else {}
+    for key, fallback in FALLBACK.items():
+        if getattr(args, key) is None:
+            setattr(args, key, found.get(key, fallback))
+    if args.data is not None:
+        args.data = Path(args.data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.count < 1:
         _parser().error(f"--count must be >= 1, got {args.count}")
+    _settle(args)
     try:
         images, titles, num_classes = _test_images(args)
         torch.manual_seed(args.seed)
