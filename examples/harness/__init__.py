@@ -7,7 +7,8 @@ It is what a user of torchvision's reference scripts expects, in a few short mod
 - :mod:`~examples.harness.checkpoint`: atomic, ``weights_only``-loadable checkpoints and resume;
 - :mod:`~examples.harness.distributed`: ``torchrun`` / DistributedDataParallel set-up;
 - :mod:`~examples.harness.metrics`: running sums reduced over ranks, ``metrics.json``, curves;
-- :mod:`~examples.harness.schedule`: the per-epoch cosine learning rate and its resumes;
+- :mod:`~examples.harness.schedule`: the per-epoch learning rate (cosine, or steps) and its resumes;
+- :mod:`~examples.harness.tasks`: what differs between classification, detection and segmentation;
 - :mod:`~examples.harness.loop`: the epoch loop, :func:`fit` and the script entry :func:`main`.
 
 The library (``src/dilconv``) stays blocks and tools; nothing here is imported by it.
