@@ -118,6 +118,12 @@ def _detector(out: Path) -> None:
     demo.run(out)
 
 
+def _dilatednet(out: Path) -> None:
+    from examples.dilatednet import demo
+
+    demo.run(out)
+
+
 def _resizer(out: Path) -> None:
     from examples.resizer_classifier import demo
 
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     _timed("Receptive fields: paper vs measured", lambda: _receptive_fields(args.out))
     _timed("The blocks", blocks_table)
     _timed("Seed 001: an SSD detector with the study's four necks", lambda: _detector(args.out))
+    _timed("Seed 002: DilatedNet front-end, + basic and + large context",
+           lambda: _dilatednet(args.out))
     _timed("Seed 003: VGG behind a learnable resizer, Table 1 and figure 8",
            lambda: _resizer(args.out))
     print(f"\ndemo finished in {time.perf_counter() - start:.1f} s; outputs in {args.out}")

@@ -25,12 +25,8 @@ from run_helpers import REPO, kill_after_first_checkpoint, subprocess_env
 MODEL = "resnet50"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small models on a shared 2-core machine run faster on one thread than on two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flags(out: Path, *extra: str, epochs: int = 1, limit: int = 32, model: str = MODEL
