@@ -381,3 +381,27 @@ def test_demo_section_at_a_small_scale(tmp_path, capsys):
     assert "8x8 -> 32x32" in text and "1 epoch," in text and "16 train images" in text
     path = tmp_path / "resizer_figure.png"
     assert str(path) in text and matplotlib.image.imread(path).std() > 0
+
+
+def test_trains_and_resumes_on_an_image_folder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "pictures"
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("test", 2)):
+        for label, colour in (("red", 0), ("green", 1)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.rand(12, 10, 3, generator=generator) * 0.3
+                pixels[..., colour] += 0.7
+                Image.fromarray((pixels * 255).byte().numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    flags = ["--model", "vgg16_resizer_cbam", "--data", str(root), "--dataset", "folder",
+             *TINY, "--batch-size", "4", "--out", str(out), "--quiet"]
+    assert train.main([*flags, "--epochs", "1"]) == 0
+    assert train.main([*flags, "--epochs", "2", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert (metrics["classes"], metrics["train_samples"], metrics["test_samples"]) == (
+        ["green", "red"], 12, 4)

@@ -84,7 +84,7 @@ def draw_detections(model: nn.Module, images: list[torch.Tensor], targets: list[
     return path
 
 
-def run(out: Path, *, epochs: int = 5, limit: int = 192, image_size: int = 64,
+def run(out: Path, *, epochs: int = 10, limit: int = 256, image_size: int = 64,
         necks: tuple[str, ...] = tuple(NECKS)) -> list[dict]:
     """Train each neck briefly on digit canvases; print the table and write the figure."""
     print(f"Scaled down to fit the demo: digit canvases instead of the study's pedestrian "
