@@ -75,6 +75,7 @@ from examples.dilatednet.models import DilatedNet, load_vgg16_weights
 from examples.harness import TrainConfig
 from examples.harness import main as harness_main
 from examples.harness.checkpoint import FORMAT, CheckpointError, atomic_write
+from examples.harness.config import bounded_float, positive_int
 from examples.harness.distributed import Dist, broadcast_object, reduce_sums, setup
 from examples.harness.tasks import SegmentationTask
 
@@ -117,28 +118,18 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
 TASK = SegmentationTask(build_datasets, DATASETS, "folder")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return value
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**RECIPE)
     net = parser.add_argument_group("DilatedNet")
-    net.add_argument("--width", type=_positive, help="channels of conv1; the blocks have width "
+    net.add_argument("--width", type=positive_int, help="channels of conv1; the blocks have width "
                      "x (1, 2, 4, 8, 8) (default 64, VGG16; with --init-from, the checkpoint's)")
-    net.add_argument("--fc-channels", type=_positive, help="channels of fc6 and fc7 (default "
+    net.add_argument("--fc-channels", type=positive_int, help="channels of fc6 and fc7 (default "
                      "64 x width, VGG16's 4096; with --init-from, the checkpoint's)")
-    net.add_argument("--dropout", type=_probability, default=0.5,
+    net.add_argument("--dropout", type=bounded_float(0.0, 1.0, include_high=False), default=0.5,
                      help="dropout after fc6 and fc7 (the paper's 0.5)")
     start = net.add_mutually_exclusive_group()
     start.add_argument("--weights", type=Path, help="a torchvision VGG16 state_dict (.pth) for "

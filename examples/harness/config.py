@@ -16,11 +16,21 @@ and ``--lr-milestones 100 150 --lr-gamma 0.1`` replaces the cosine by steps (``M
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-__all__ = ["DATASETS", "OPTIMIZERS", "TrainConfig", "add_arguments", "config_from_args"]
+__all__ = [
+    "DATASETS",
+    "OPTIMIZERS",
+    "TrainConfig",
+    "add_arguments",
+    "bounded_float",
+    "config_from_args",
+    "positive_float",
+    "positive_int",
+]
 
 DATASETS = ("folder", "cifar10", "digits")
 OPTIMIZERS = ("adamw", "sgd")
@@ -75,25 +85,32 @@ def _plain(value: object) -> object:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
-    return value
+def bounded_float(low: float, high: float, *, include_low: bool = True,
+                  include_high: bool = True) -> Callable[[str], float]:
+    """argparse type: a float in the interval from ``low`` to ``high`` (ends as given)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        above = value >= low if include_low else value > low
+        below = value <= high if include_high else value < high
+        if not (above and below):
+            opening, closing = "[" if include_low else "(", "]" if include_high else ")"
+            interval = f"{opening}{low:g}, {high:g}{closing}"
+            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+_fraction = bounded_float(0.0, 1.0, include_low=False, include_high=False)
+positive_float = bounded_float(0.0, math.inf, include_low=False, include_high=False)
 
 
 class _Increasing(argparse.Action):
@@ -124,28 +141,28 @@ def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str], *,
     data.add_argument("--download", action="store_true", help="let --dataset cifar10 download")
     data.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
                       help="test share when --data has no train/ and test/ folders")
-    data.add_argument("--limit", type=_positive, help="use at most N train and N test images")
-    data.add_argument("--image-size", type=_positive, default=d.image_size)
+    data.add_argument("--limit", type=positive_int, help="use at most N train and N test images")
+    data.add_argument("--image-size", type=positive_int, default=d.image_size)
     data.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for in-memory "
                       "data, else min(4, CPUs))")
     train = parser.add_argument_group("training")
     train.add_argument(*model_flags, dest="model", choices=models, required=True)
-    train.add_argument("--epochs", type=_positive, default=d.epochs,
+    train.add_argument("--epochs", type=positive_int, default=d.epochs,
                        help="total epochs; the rate falls on a cosine from --lr to 0 over them "
                        "(unless --lr-milestones). With --resume and another count, the finished "
                        "epochs stay and a new cosine runs from the last one's rate to 0 over the "
                        "epochs left")
-    train.add_argument("--batch-size", type=_positive, default=d.batch_size, help="per process")
+    train.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per process")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     train.add_argument("--lr", type=float, default=d.lr, help="peak (initial) learning rate")
     train.add_argument("--momentum", type=float, default=d.momentum, help="SGD only")
     train.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
                        help="SGD only: Nesterov momentum (--no-nesterov: plain momentum)")
-    train.add_argument("--lr-milestones", type=_positive, nargs="*", action=_Increasing,
+    train.add_argument("--lr-milestones", type=positive_int, nargs="*", action=_Increasing,
                        default=list(d.lr_milestones), metavar="EPOCH",
                        help="multiply the rate by --lr-gamma after each of these epochs "
                        "(MultiStepLR) instead of the cosine; given without epochs: the cosine")
-    train.add_argument("--lr-gamma", type=_positive_float, default=d.lr_gamma,
+    train.add_argument("--lr-gamma", type=positive_float, default=d.lr_gamma,
                        help="factor of each --lr-milestones step")
     train.add_argument("--weight-decay", type=float, default=d.weight_decay)
     train.add_argument("--seed", type=int, default=d.seed)

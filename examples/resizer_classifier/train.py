@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from examples.harness import main as harness_main
 from examples.harness.checkpoint import CheckpointError
-from examples.harness.config import TrainConfig
+from examples.harness.config import TrainConfig, bounded_float, positive_float
 from examples.harness.tasks import ClassificationTask
 from examples.resizer_classifier.data import DATASETS, RandomCutMix, build_datasets
 from examples.resizer_classifier.models import ARCHS, MIN_OUTPUT_SIZE, MODELS
@@ -120,18 +120,8 @@ def _output_size(text: str) -> int:
     return value
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,9 +133,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                        help="size the resizer enlarges to, the VGG's input (the study: 224)")
     study.add_argument("--weights", type=Path, default=None,
                        help="local file with --arch's ImageNet state_dict (default: random init)")
-    study.add_argument("--cutmix-p", type=_probability, default=CUTMIX_P,
+    study.add_argument("--cutmix-p", type=bounded_float(0.0, 1.0), default=CUTMIX_P,
                        help="probability of CutMix on a train batch (0: never)")
-    study.add_argument("--cutmix-alpha", type=_positive_float, default=CUTMIX_ALPHA,
+    study.add_argument("--cutmix-alpha", type=positive_float, default=CUTMIX_ALPHA,
                        help="CutMix's Beta(alpha, alpha) for the pasted area")
     study.add_argument("--normalize", choices=("imagenet", "none"), default="imagenet",
                        help="input normalisation (the study: ImageNet's mean and std)")
