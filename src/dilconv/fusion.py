@@ -105,9 +105,15 @@ class WeightedFusion(nn.Module):
         check_same_shape(inputs, count=self.num_inputs, name=type(self).__name__)
         dtype = reduce(torch.promote_types, (x.dtype for x in inputs))
         factors = self.fusion_weights().to(dtype).unbind()
-        out = factors[0] * inputs[0]
+        if self.mode == "sum":
+            out = inputs[0].to(dtype, copy=True)
+            for x in inputs[1:]:
+                out.add_(x)
+            return out
+        # One output buffer, accumulated in place: no full-size temporary per input.
+        out = inputs[0].to(dtype) * factors[0]
         for factor, x in zip(factors[1:], inputs[1:], strict=True):
-            out = out + factor * x
+            out.addcmul_(x, factor)
         return out
 
     def extra_repr(self) -> str:
