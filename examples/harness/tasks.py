@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from examples.harness.config import DATASETS, TrainConfig
-from examples.harness.distributed import Dist
+from examples.harness.distributed import Dist, reduce_sums
 from examples.harness.metrics import RunningTotals
 
 __all__ = [
@@ -218,7 +218,7 @@ class _DetectionEvaluator:
 
         self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(device)
         self.autocast = autocast
-        self.images = RunningTotals(device)
+        self.images = 0  # known on the host: no device sync to count them
 
     def update(self, net: nn.Module, inputs: list[Tensor], targets: list[dict]) -> None:
         with self.autocast():
@@ -226,13 +226,12 @@ class _DetectionEvaluator:
         preds = [{k: d[k].float() if k != "labels" else d[k] for k in ("boxes", "scores", "labels")}
                  for d in detections]
         self.metric.update(preds, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
-        nothing = torch.zeros((), dtype=torch.int64, device=self.images.correct.device)
-        self.images.update(nothing, nothing, len(inputs))
+        self.images += len(inputs)
 
     def compute(self, info: Dist) -> dict[str, float]:
         # torchmetrics gathers the states of every rank itself when a process group exists.
         result = self.metric.compute()
-        images = self.images.reduced(info).count
+        (images,) = reduce_sums(torch.tensor([float(self.images)]), info)
         return {"map": float(result["map"]), "map50": float(result["map_50"]),
                 "test_images": int(images)}
 
