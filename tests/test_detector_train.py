@@ -11,7 +11,7 @@ import pytest
 import torch
 from examples.detector_neck import train
 from examples.detector_neck.data import DigitsCanvas, collate_detection, write_coco
-from examples.detector_neck.models import build_ssd
+from examples.detector_neck.models import NECKS, build_ssd
 from examples.harness.distributed import Dist
 from torch.utils.data import DataLoader
 
@@ -133,8 +133,9 @@ def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(tmp_path):
-    flags = [f for f in _flags(tmp_path, neck="bifpn", limit=16) if f != "--quiet"]
+@pytest.mark.parametrize("neck", sorted(NECKS))
+def test_torchrun_two_processes(tmp_path, neck):
+    flags = [f for f in _flags(tmp_path, neck=neck, limit=16) if f != "--quiet"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "examples.detector_neck.train", *flags]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
