@@ -10,7 +10,8 @@ EXTRAS := test,examples,docs,bench,dev
 
 .PHONY: demo test test-quick lint docs bench clean
 
-$(STAMP): pyproject.toml Makefile
+# __init__.py holds the version the metadata is built from: a bump reinstalls.
+$(STAMP): pyproject.toml Makefile src/dilconv/__init__.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
@@ -22,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -n 2 --durations=15
 
 test-quick: $(STAMP)
