@@ -36,7 +36,7 @@ docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -W -b html docs docs/_build/html
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run --json runs/bench.json --markdown runs/bench.md
 
 clean:
 	rm -rf $(VENV) docs/_build runs .pytest_cache .hypothesis

@@ -1,0 +1,293 @@
+"""The pairs the benchmark times: a dilconv block or network against what people use now.
+
+Every builder returns ``(ours, peer, inputs)`` built with random weights (nothing is downloaded)
+at the default sizes, or at tiny sizes with ``quick=True``. Where the two sides compute the
+same function, the peer gets our weights (or the reverse), so that both do the same work on the
+same inputs. Studies without a torchvision counterpart are left out: the DilatedNet of seed 002
+(a dilated VGG16 front-end with no pool4/pool5) has none, as torchvision's segmentation models
+are ResNet-based.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CASES", "Case", "Inputs", "Pair"]
+
+Inputs = Tensor | list[Tensor] | dict[str, Tensor]
+Pair = tuple[nn.Module, nn.Module, Inputs]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One pair of modules timed against each other.
+
+    Attributes:
+        name: what is ours, e.g. ``"FPNNeck"``.
+        peer: what it is compared with.
+        build: ``build(quick) -> (ours, peer, inputs)``.
+        requires: optional packages both sides need; the case is skipped when one is missing.
+        memory_bound: report bytes moved and achieved bandwidth.
+        conv_ratio: report time(ours) / time(ours' convolutions alone).
+        dilation_cost: the pair is a dilated module over the same with dilation 1; its ratio
+            is the cost of dilation.
+        dilated: ours holds dilated convolutions; the profiler checks its kernels.
+        grad_inputs: in forward+backward, the inputs need a gradient too (blocks inside a
+            network get one); networks fed with images do not.
+    """
+
+    name: str
+    peer: str
+    build: Callable[[bool], Pair]
+    requires: tuple[str, ...] = ()
+    memory_bound: bool = False
+    conv_ratio: bool = False
+    dilation_cost: bool = False
+    dilated: bool = False
+    grad_inputs: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} vs {self.peer}"
+
+
+class PlainSum(nn.Module):
+    """``inputs[0] + inputs[1] + ...``: the unweighted fusion every FPN uses."""
+
+    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
+        out = inputs[0]
+        for x in inputs[1:]:
+            out = out + x
+        return out
+
+
+class LastFeature(nn.Module):
+    """The coarsest map of a backbone that returns every stage (what a plain trunk returns)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)[-1]
+
+
+class Bilinear(nn.Module):
+    """Bilinear resize to a fixed size (align_corners=False), no parameters."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
+def _fpn(quick: bool) -> Pair:
+    from torchvision.ops import FeaturePyramidNetwork
+
+    from dilconv import FPNNeck
+
+    channels, out, side, batch = ([16, 32, 64, 128], 16, 8, 2) if quick else (
+        [256, 512, 1024, 2048], 256, 56, 2)
+    feats = OrderedDict(
+        (f"c{i + 2}", torch.randn(batch, c, side >> i, side >> i)) for i, c in enumerate(channels)
+    )
+    ours = FPNNeck(channels, out)
+    peer = FeaturePyramidNetwork(channels, out)
+    for i in range(len(channels)):
+        peer.inner_blocks[i][0].load_state_dict(ours.lateral[i].state_dict())
+        peer.layer_blocks[i][0].load_state_dict(ours.smooth[i].state_dict())
+    return ours, peer, feats
+
+
+def _cbam(quick: bool) -> Pair:
+    from timm.layers.cbam import CbamModule
+
+    from dilconv import CBAM
+
+    channels, batch, side = (16, 2, 8) if quick else (256, 8, 32)
+    return CBAM(channels), CbamModule(channels), torch.randn(batch, channels, side, side)
+
+
+def _fusion_maps(quick: bool, count: int) -> list[Tensor]:
+    shape = (2, 8, 8, 8) if quick else (8, 64, 80, 80)
+    return [torch.randn(shape) for _ in range(count)]
+
+
+def _fusion_vs_effdet(count: int, quick: bool) -> Pair:
+    from effdet.efficientdet import FpnCombine
+
+    from dilconv import WeightedFusion
+
+    maps = _fusion_maps(quick, count)
+    channels, size = maps[0].shape[1], tuple(maps[0].shape[-2:])
+    # Every input already at the output's size and channels: FpnCombine adds no resampling.
+    info = [{"num_chs": channels, "size": size} for _ in range(count)]
+    peer = FpnCombine(info, channels, tuple(range(count)), size, weight_method="fastattn")
+    return WeightedFusion(count), peer, maps
+
+
+def _fusion_vs_sum(count: int, quick: bool) -> Pair:
+    from dilconv import WeightedFusion
+
+    return WeightedFusion(count), PlainSum(), _fusion_maps(quick, count)
+
+
+def _bifpn(quick: bool) -> Pair:
+    from effdet.config import get_efficientdet_config
+    from effdet.efficientdet import BiFpn
+
+    from dilconv import BiFPN
+
+    channels, batch, side = (40, 112, 320), 2, (8 if quick else 64)
+    # efficientdet_d0, not tf_efficientdet_d0: the TF port pads "same" with extra ops ours
+    # does not run. Levels 3-7, 64 channels, 3 repeats, swish, BN(eps=1e-3, momentum=0.01),
+    # activation before each separable conv (the official code's node order).
+    config = get_efficientdet_config("efficientdet_d0")
+    config.image_size = (side * 8, side * 8)
+    info = [{"num_chs": c, "reduction": 8 << i} for i, c in enumerate(channels)]
+    peer = BiFpn(config, info)
+    ours = BiFPN(
+        list(channels), config.fpn_channels, num_layers=config.fpn_cell_repeats,
+        num_levels=config.num_levels, node_order="act_conv_norm",
+        norm_layer=partial(nn.BatchNorm2d, **config.norm_kwargs),
+    )
+    feats = [torch.randn(batch, c, side >> i, side >> i) for i, c in enumerate(channels)]
+    return ours, peer, feats
+
+
+def _tv_dilated_resnet50() -> nn.Module:
+    import torchvision
+
+    dilate = [False, True, True]
+    return torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilate)
+
+
+def _resnet_stage(quick: bool) -> Pair:
+    from dilconv import DilatedResNet
+
+    tv = _tv_dilated_resnet50()
+    ours = DilatedResNet.from_torchvision(tv)
+    batch, side = (2, 4) if quick else (2, 28)
+    return ours.layer4, tv.layer4, torch.randn(batch, 1024, side, side)
+
+
+def _resnet_os8(quick: bool) -> Pair:
+    import torchvision
+
+    from dilconv import DilatedResNet
+
+    tv = _tv_dilated_resnet50()
+    ours = DilatedResNet.from_torchvision(torchvision.models.resnet50(weights=None), 8)
+    ours.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    trunk = nn.Sequential(*list(tv.children())[:-2])
+    batch, side = (2, 32) if quick else (2, 128)
+    return LastFeature(ours), trunk, torch.randn(batch, 3, side, side)
+
+
+def _resizer(quick: bool) -> Pair:
+    import torchvision
+
+    from dilconv import LearnableResizer
+
+    batch, side, out = (2, 16, 32) if quick else (2, 64, 128)
+    classifier = torchvision.models.resnet18(weights=None, num_classes=10)
+    ours = nn.Sequential(LearnableResizer(3, out), classifier)
+    peer = nn.Sequential(Bilinear((out, out)), copy.deepcopy(classifier))
+    return ours, peer, torch.randn(batch, 3, side, side)
+
+
+def _conv(dilation: int, quick: bool) -> Pair:
+    channels, batch, side = (16, 2, 8) if quick else (256, 2, 64)
+    ours = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+    peer = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    peer.weight.data.copy_(ours.weight.data)
+    return ours, peer, torch.randn(batch, channels, side, side)
+
+
+def _bottleneck(quick: bool) -> Pair:
+    from dilconv import DilatedBottleneck
+
+    channels, planes, batch, side = (32, 8, 2, 8) if quick else (256, 64, 2, 56)
+    ours = DilatedBottleneck(channels, planes, dilation=2)
+    peer = DilatedBottleneck(channels, planes, dilation=1)
+    peer.load_state_dict(ours.state_dict())
+    return ours, peer, torch.randn(batch, channels, side, side)
+
+
+def _seed000_resnet50(quick: bool) -> Pair:
+    import torchvision
+    from examples.dfpn_classifier.models import PyramidClassifier
+
+    from dilconv import DilatedResNet
+
+    # The study's classifier layout (backbone, pool, linear) at torchvision's widths, since
+    # torchvision builds no ResNet-50 at the study's halved widths.
+    tv = torchvision.models.resnet50(weights=None, num_classes=3)
+    ours = PyramidClassifier(DilatedResNet.from_torchvision(tv), None, nn.Identity(), 3)
+    ours.fc.load_state_dict(tv.fc.state_dict())
+    batch, side = (2, 32) if quick else (2, 128)
+    return ours, tv, torch.randn(batch, 3, side, side)
+
+
+def _seed001_trunk(quick: bool) -> Pair:
+    from examples.detector_neck.models import build_ssd
+    from torchvision.ops import FeaturePyramidNetwork
+
+    backbone, side, batch = ("efficientnet_tiny", 64, 2) if quick else ("efficientnet_b0", 192, 2)
+    ours = build_ssd("fpn_bilinear", 2, (side, side), backbone).backbone
+    peer = copy.deepcopy(ours)
+    peer.neck = FeaturePyramidNetwork(ours.neck.in_channels, ours.neck.out_channels)
+    return ours, peer, torch.randn(batch, 3, side, side)
+
+
+def _seed003_resizer(quick: bool) -> Pair:
+    from examples.resizer_classifier.models import vgg16, vgg16_resizer
+
+    arch, batch, side, out = ("vgg_tiny", 2, 16, 32) if quick else ("vgg16", 2, 32, 112)
+    ours = vgg16_resizer(10, out, arch)
+    peer = vgg16(10, out, arch)
+    peer.classifier.load_state_dict(ours.classifier.state_dict())
+    return ours, peer, torch.randn(batch, 3, side, side)
+
+
+CASES: list[Case] = [
+    Case("FPNNeck", "torchvision FeaturePyramidNetwork", _fpn, conv_ratio=True),
+    Case("CBAM", "timm CbamModule", _cbam, ("timm",), memory_bound=True, conv_ratio=True),
+    Case("WeightedFusion(2)", "effdet FpnCombine fastattn", partial(_fusion_vs_effdet, 2),
+         ("effdet",), memory_bound=True),
+    Case("WeightedFusion(3)", "effdet FpnCombine fastattn", partial(_fusion_vs_effdet, 3),
+         ("effdet",), memory_bound=True),
+    Case("WeightedFusion(2)", "plain sum", partial(_fusion_vs_sum, 2), memory_bound=True),
+    Case("WeightedFusion(3)", "plain sum", partial(_fusion_vs_sum, 3), memory_bound=True),
+    Case("BiFPN D0 (P3-P7, 64ch, 3 layers)", "effdet BiFpn efficientdet_d0", _bifpn,
+         ("effdet",), conv_ratio=True),
+    Case("DilatedResNet-50 layer4 (OS8)", "torchvision resnet50 layer4 (dilated)", _resnet_stage,
+         dilated=True),
+    Case("DilatedResNet.from_torchvision OS8", "torchvision resnet50 OS8 trunk", _resnet_os8,
+         dilated=True, grad_inputs=False),
+    Case("LearnableResizer + resnet18", "bilinear + resnet18", _resizer, conv_ratio=True,
+         grad_inputs=False),
+    Case("Conv3x3 dilation 2", "Conv3x3 dilation 1", partial(_conv, 2), dilation_cost=True,
+         dilated=True),
+    Case("Conv3x3 dilation 4", "Conv3x3 dilation 1", partial(_conv, 4), dilation_cost=True,
+         dilated=True),
+    Case("DilatedBottleneck dilation 2", "DilatedBottleneck dilation 1", _bottleneck,
+         dilation_cost=True, dilated=True),
+    Case("seed 000 ResNet50 classifier", "torchvision resnet50", _seed000_resnet50,
+         grad_inputs=False),
+    Case("seed 001 EfficientNet-b0 + FPNNeck(bilinear)", "EfficientNet-b0 + torchvision FPN",
+         _seed001_trunk, grad_inputs=False),
+    Case("seed 003 LearnableResizer + VGG16", "bilinear + VGG16", _seed003_resizer,
+         grad_inputs=False),
+]
+"""Every pair, in the order they run."""
