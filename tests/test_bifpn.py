@@ -329,3 +329,32 @@ def test_node_order(order):
     torch.testing.assert_close(got[0], expected)
     # Same parameters and keys in either order.
     assert set(layer.state_dict()) == set(BiFPNLayer(4, num_levels=2).state_dict())
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (5, 6), (1, 3)])
+def test_cpu_inference_resampling_equals_the_library_kernels(size):
+    # Inference on CPU takes strided / broadcast forms of the max-pool and the 2x nearest
+    # up-sampling (faster in NCHW); they must give exactly the values of the kernels that
+    # training (and compile) keep.
+    from dilconv.bifpn import _downsample_to, _upsample_to
+
+    x = torch.randn(2, 3, *size)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 1] = 0.0  # ties
+    coarse = torch.empty(2, 3, (size[0] + 1) // 2, (size[1] + 1) // 2)
+    fine = torch.empty(2, 3, 2 * size[0], 2 * size[1])
+    with torch.no_grad():
+        down, up = _downsample_to(x, coarse), _upsample_to(x, fine)
+    torch.testing.assert_close(down, F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(up, F.interpolate(x, size=fine.shape[-2:]), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+def test_bifpn_inference_equals_its_grad_enabled_forward():
+    neck = BiFPN([8, 16, 32], 8, num_layers=2, num_levels=5).eval()
+    feats = [torch.randn(2, c, s, s + 1) for c, s in ((8, 16), (16, 8), (32, 4))]
+    with torch.no_grad():
+        fast = neck(feats)
+    reference = neck(feats)  # records gradients: the library kernels
+    for got, expected in zip(fast, reference, strict=True):
+        torch.testing.assert_close(got, expected.detach(), rtol=0, atol=0)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import dilconv.fusion
 from dilconv import WeightedFusion
 
 MODES = ("fast", "softmax", "sum")
@@ -132,6 +133,76 @@ def test_gradient_reaches_the_weights(mode):
     (fuse(inputs) ** 2).sum().backward()
     assert fuse.weight.grad is not None
     assert bool((fuse.weight.grad != 0).all())
+
+
+def _straightforward(fuse, inputs):
+    # Eq. 2 / eq. 3 as written, through plain autograd: the reference for the custom backward.
+    # The factors are normalised in float32, as documented, then applied in the inputs' dtype.
+    w = fuse.weight.float()
+    factors = w.softmax(0) if fuse.mode == "softmax" else w.relu() / (w.relu().sum() + fuse.eps)
+    return sum(f.double() * x for f, x in zip(factors, inputs, strict=True))
+
+
+@pytest.fixture(params=["lean backward", "autograd"])
+def backward_path(request, monkeypatch):
+    # Small maps take plain autograd; a zero threshold sends them through the lean backward.
+    if request.param == "lean backward":
+        monkeypatch.setattr(dilconv.fusion, "_LEAN_BACKWARD_MIN_NUMEL", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("mode", ["fast", "softmax"])
+@pytest.mark.parametrize("layouts", ["contiguous", "channels_last", "mixed", "transposed"])
+def test_gradients_match_the_straightforward_formula(mode, layouts, backward_path):
+    torch.manual_seed(0)
+    fuse = WeightedFusion(3, mode=mode).double()
+    with torch.no_grad():
+        fuse.weight.copy_(torch.tensor([0.7, -0.2, 1.3]))  # one weight cut by the ReLU
+    inputs = [torch.randn(2, 3, 4, 5, dtype=torch.float64) for _ in range(3)]
+    if layouts in ("channels_last", "mixed"):
+        inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    if layouts == "mixed":
+        inputs[1] = inputs[1].contiguous()
+    if layouts == "transposed":
+        inputs = [x.transpose(2, 3) for x in inputs]
+    grad_out = torch.randn(inputs[0].shape, dtype=torch.float64)
+    if layouts != "contiguous":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    results = []
+    for forward in (fuse, lambda xs: _straightforward(fuse, xs)):
+        leaves = [x.detach().requires_grad_(i != 1) for i, x in enumerate(inputs)]
+        fuse.weight.grad = None
+        forward(leaves).backward(grad_out)
+        results.append([fuse.weight.grad, leaves[0].grad, leaves[1].grad, leaves[2].grad])
+    (weight, *grads), (weight_ref, *grads_ref) = results
+    torch.testing.assert_close(weight, weight_ref)
+    assert grads[1] is None and grads_ref[1] is None  # not asked for, not computed
+    for grad, ref in zip(grads, grads_ref, strict=True):
+        if ref is not None:
+            torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("mode", ["fast", "softmax"])
+def test_gradcheck_of_the_inputs(mode, backward_path):
+    # The weights' own gradients are compared above: their float32 normalisation is too coarse
+    # for gradcheck's float64 finite differences.
+    fuse = WeightedFusion(2, mode=mode).double()
+    inputs = [torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradcheck(lambda a, b: fuse([a, b]), inputs)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_per_sample_gradients_with_torch_func(backward_path):
+    fuse = WeightedFusion(2)
+    params = {"weight": torch.tensor([0.3, 1.2])}
+    a, b = torch.randn(2, 4, 3, 5, 5)
+
+    def loss(p, x, y):
+        return torch.func.functional_call(fuse, p, ([x[None], y[None]],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, a, b)
+    one_by_one = [torch.func.grad(loss)(params, x, y)["weight"] for x, y in zip(a, b)]
+    torch.testing.assert_close(per_sample["weight"], torch.stack(one_by_one))
 
 
 def test_sum_mode_leaves_the_weights_unused():

@@ -26,13 +26,13 @@ __all__ = [
 ]
 
 
-def check_positive(name: str, value: int, *, minimum: int = 1) -> int:
+def check_positive(name: str, value: object, *, minimum: int = 1) -> int:
     """Return ``value`` if it is an int >= ``minimum``; raise naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return value  # type: ignore[return-value]  # a SymInt stands for an int, as in torch's sizes
 
 
 def reduced_channels(channels: int, reduction: int) -> int:
@@ -64,10 +64,7 @@ def pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
     Symbolic sizes (``torch.SymInt``, what ``x.shape`` holds under ``torch.compile(dynamic=True)``
     and ``torch.export``) count as ints, so a size taken from another tensor stays symbolic.
     """
-    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
-        values: tuple[int, ...] = (value, value)
-    else:
-        values = tuple(value)
+    values = tuple(value) if isinstance(value, Sequence) else (value, value)
     if len(values) != 2:
         raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
     for v in values:

@@ -11,13 +11,16 @@ and pooling, ``_transposed``, ``_interpolated`` with PyTorch's own float index c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._ops import OpOverload
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -45,6 +48,8 @@ class _Axis:
 
     def gather(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Intervals of indices ``idx``, extended linearly (by ``jump``) beyond the border."""
+        if self.lo is None or self.hi is None:
+            raise ValueError("a global field has no per-index intervals to gather")
         inside = idx.clamp(0, self.lo.numel() - 1)
         shift = (idx - inside).double() * float(self.jump)
         return self.lo[inside] + shift, self.hi[inside] + shift
@@ -67,12 +72,16 @@ def _taps(axis: _Axis, idx: Tensor, valid: Tensor | None, ratio: Fraction) -> _A
     return _Axis(lo.amin(1), hi.amax(1), axis.jump * ratio)
 
 
-def _window(axis: _Axis, n_out: int, kernel: int, stride: int, padding: int, dilation: int):
+def _window(
+    axis: _Axis, n_out: int, kernel: int, stride: int, padding: int, dilation: int
+) -> _Axis:
     idx = (torch.arange(n_out) * stride - padding)[:, None] + torch.arange(kernel) * dilation
     return _taps(axis, idx, None, Fraction(stride))
 
 
-def _transposed(axis: _Axis, n_out: int, kernel: int, stride: int, padding: int, dilation: int):
+def _transposed(
+    axis: _Axis, n_out: int, kernel: int, stride: int, padding: int, dilation: int
+) -> _Axis:
     # Output o receives input i through tap t when o = i * stride - padding + t * dilation.
     num = (torch.arange(n_out) + padding)[:, None] - torch.arange(kernel) * dilation
     return _taps(axis, num.div(stride, rounding_mode="floor"), num % stride == 0,
@@ -89,7 +98,9 @@ def _adaptive(axis: _Axis, n_in: int, n_out: int) -> _Axis:
     return _taps(axis, idx, idx < torch.tensor(ends)[:, None], Fraction(n_in, n_out))
 
 
-def _source_scale(n_in: int, n_out: int, scale: float | None, align: bool | None, dt) -> Tensor:
+def _source_scale(
+    n_in: int, n_out: int, scale: float | None, align: bool | None, dt: torch.dtype
+) -> Tensor:
     """The float scale PyTorch's CPU up-sampling kernels compute (``UpSample.h``)."""
     if align:
         value = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
@@ -133,19 +144,20 @@ def _merge(axes: Sequence[_Axis]) -> _Axis:
     jump = min(a.jump for a in axes)
     if any(a.whole for a in axes):
         return _Axis(None, None, jump)
-    lo = torch.stack([a.lo for a in axes]).amin(0)
-    hi = torch.stack([a.hi for a in axes]).amax(0)
+    lo = torch.stack([a.lo for a in axes if a.lo is not None]).amin(0)
+    hi = torch.stack([a.hi for a in axes if a.hi is not None]).amax(0)
     return _Axis(lo, hi, jump)
 
 
-def _two(value, default: int) -> tuple[int, int]:
+def _two(value: int | Sequence[int] | None, default: int) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     values = [default] if value is None or len(value) == 0 else list(value)
     return (values[0], values[-1])
 
 
-def _bind(func, args: tuple, kwargs: dict) -> dict:
+def _bind(func: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``func``'s arguments by schema name, defaults filled in."""
     bound = {}
     for i, arg in enumerate(func._schema.arguments):
         if i < len(args):
@@ -157,7 +169,7 @@ def _bind(func, args: tuple, kwargs: dict) -> dict:
     return bound
 
 
-def _spatial_dims(value, ndim: int) -> set[int]:
+def _spatial_dims(value: int | Sequence[int] | None, ndim: int) -> set[int]:
     """Which of the last two axes (0: height, 1: width) a ``dim`` argument names."""
     if value is None or value == []:
         return {0, 1}
@@ -192,7 +204,10 @@ class _CircularAsConstant(TorchFunctionMode):
     are followed that way too (``aten.reflection_pad2d``, ``aten.replication_pad2d``).
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.pad and (args[2] if len(args) > 2 else kwargs.get("mode")) == "circular":
             return F.pad(args[0], args[1] if len(args) > 1 else kwargs["pad"])
@@ -218,7 +233,14 @@ class _Tracer(TorchDispatchMode):
         record = self.records.get(id(t))
         return None if record is None else record[1]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def _known(self, t: Tensor) -> _Field:
+        """The field of a tensor known to be traced."""
+        return self.records[id(t)][1]
+
+    def __torch_dispatch__(
+        self, func: OpOverload, types: Sequence[type], args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
@@ -233,9 +255,9 @@ class _Tracer(TorchDispatchMode):
                 self.mark(t, field)
         return out
 
-    def _fit(self, t: Tensor, shape: torch.Size, func) -> _Field:
+    def _fit(self, t: Tensor, shape: torch.Size, func: OpOverload) -> _Field:
         """``t``'s field broadcast to ``shape``; a size-1 axis stretched over many is global."""
-        field = self.field(t)
+        field = self._known(t)
         axes = []
         for k, a in enumerate((-2, -1)):
             n_in = t.shape[a] if t.dim() >= 2 else 1
@@ -249,15 +271,16 @@ class _Tracer(TorchDispatchMode):
                 self._refuse(func, f"maps a spatial axis of size {n_in} to size {n_out}")
         return axes[0], axes[1]
 
-    def _merged(self, tensors: Sequence[Tensor], shape: torch.Size, func) -> _Field:
+    def _merged(self, tensors: Sequence[Tensor], shape: torch.Size, func: OpOverload) -> _Field:
         fields = [self._fit(t, shape, func) for t in tensors if id(t) in self.records]
         return _merge([f[0] for f in fields]), _merge([f[1] for f in fields])
 
-    def _global(self, x: Tensor, axes: set[int] = frozenset({0, 1})) -> _Field:
-        field = self.field(x)
-        return tuple(a.globalised() if k in axes else a for k, a in enumerate(field))
+    def _global(self, x: Tensor, axes: AbstractSet[int] = frozenset({0, 1})) -> _Field:
+        height, width = self._known(x)
+        return (height.globalised() if 0 in axes else height,
+                width.globalised() if 1 in axes else width)
 
-    def _refuse(self, func, why: str):
+    def _refuse(self, func: OpOverload, why: str) -> NoReturn:
         inner = self.stack[-1] if self.stack else None
         where = "the top-level forward"
         if inner is not None:
@@ -269,7 +292,9 @@ class _Tracer(TorchDispatchMode):
             "concatenation along channels."
         )
 
-    def _propagate(self, func, a: dict, traced: list[Tensor], out: Tensor) -> _Field | None:
+    def _propagate(
+        self, func: OpOverload, a: dict[str, Any], traced: list[Tensor], out: Tensor
+    ) -> _Field | None:
         packet = func.overloadpacket
         if torch.Tag.pointwise in func.tags or packet in _EXTRA_POINTWISE:
             return self._merged(traced, out.shape, func)
@@ -286,7 +311,7 @@ class _Tracer(TorchDispatchMode):
                 self._refuse(func, "splits, joins, indexes or reorders a spatial axis")
             return self._merged(traced, out.shape, func)
         primary = a.get("self", a.get("input"))
-        x = primary if any(t is primary for t in traced) else traced[0]
+        x = next((t for t in traced if t is primary), traced[0])
         field = self._global(x) if self._whole([x]) else self._spatial(func, a, x, out)
         if any(t is not x for t in traced):
             # Another operand computed from the input (a weight, a scale) reaches every pixel.
@@ -294,9 +319,9 @@ class _Tracer(TorchDispatchMode):
         return field
 
     def _whole(self, tensors: Sequence[Tensor]) -> bool:
-        return all(axis.whole for t in tensors for axis in self.field(t))
+        return all(axis.whole for t in tensors for axis in self._known(t))
 
-    def _spatial(self, func, a: dict, x: Tensor, out: Tensor) -> _Field:
+    def _spatial(self, func: OpOverload, a: dict[str, Any], x: Tensor, out: Tensor) -> _Field:
         """Field of the output of a one-input operation that may move spatial positions."""
         packet = func.overloadpacket
         if packet in _SAME_LAYOUT:
@@ -315,14 +340,14 @@ class _Tracer(TorchDispatchMode):
         if packet in _UPSAMPLES:
             return self._upsample(func, a, x, out)
         if packet in (aten.constant_pad_nd, aten.reflection_pad2d, aten.replication_pad2d):
-            pad = list(a.get("pad", a.get("padding")))
+            pad = list(a["pad"] if "pad" in a else a["padding"])
             before = (pad[2] if len(pad) > 2 else 0, pad[0])
             return self._per_axis(x, lambda ax, n_in, n_out, i: _window(
                 ax, n_out, 1, 1, before[i], 1), out)
         if packet is aten.slice:
             return self._slice(a, x, out, func)
         if packet in (aten.pixel_shuffle, aten.pixel_unshuffle):
-            r = a.get("upscale_factor", a.get("downscale_factor"))
+            r = a["upscale_factor"] if "upscale_factor" in a else a["downscale_factor"]
             step = _transposed if packet is aten.pixel_shuffle else _window
             return self._per_axis(x, lambda ax, n_in, n_out, i: step(ax, n_out, r, r, 0, 1), out)
         if packet in (aten.permute, aten.transpose, aten.t):
@@ -345,13 +370,15 @@ class _Tracer(TorchDispatchMode):
             return self._global(x)
         self._refuse(func, "is not an operation whose effect on spatial positions is known")
 
-    def _per_axis(self, x: Tensor, rule, out: Tensor) -> _Field:
-        field = self.field(x)
-        return tuple(
-            rule(field[i], x.shape[a], out.shape[a], i) for i, a in enumerate((-2, -1))
-        )
+    def _per_axis(
+        self, x: Tensor, rule: Callable[[_Axis, int, int, int], _Axis], out: Tensor
+    ) -> _Field:
+        """Applies ``rule(axis, n_in, n_out, i)`` to the height (i = 0) and width (i = 1)."""
+        height, width = self._known(x)
+        return (rule(height, x.shape[-2], out.shape[-2], 0),
+                rule(width, x.shape[-1], out.shape[-1], 1))
 
-    def _convolution(self, a: dict, x: Tensor, out: Tensor) -> _Field:
+    def _convolution(self, a: dict[str, Any], x: Tensor, out: Tensor) -> _Field:
         kernel = a["weight"].shape[2:]
         if len(kernel) != 2:
             self._refuse(aten.convolution.default, f"is a {len(kernel)}-d convolution")
@@ -360,7 +387,7 @@ class _Tracer(TorchDispatchMode):
         return self._per_axis(x, lambda ax, n_in, n_out, i: step(
             ax, n_out, kernel[i], s[i], p[i], d[i]), out)
 
-    def _upsample(self, func, a: dict, x: Tensor, out: Tensor) -> _Field:
+    def _upsample(self, func: OpOverload, a: dict[str, Any], x: Tensor, out: Tensor) -> _Field:
         mode = _UPSAMPLES[func.overloadpacket]
         factors = a.get("scale_factors")
         scales = factors if factors is not None else (a.get("scales_h"), a.get("scales_w"))
@@ -368,7 +395,7 @@ class _Tracer(TorchDispatchMode):
         return self._per_axis(x, lambda ax, n_in, n_out, i: _interpolated(
             ax, n_in, n_out, mode, a.get("align_corners"), scales[i], dt), out)
 
-    def _slice(self, a: dict, x: Tensor, out: Tensor, func) -> _Field:
+    def _slice(self, a: dict[str, Any], x: Tensor, out: Tensor, func: OpOverload) -> _Field:
         axes = _spatial_dims(a["dim"], x.dim())
         if not axes:
             return self._fit(x, out.shape, func)
@@ -376,11 +403,11 @@ class _Tracer(TorchDispatchMode):
         n = x.shape[a["dim"]]
         begin = 0 if a.get("start") is None else a["start"]
         begin = min(max(begin + n if begin < 0 else begin, 0), n)
-        field = list(self.field(x))
+        field = list(self._known(x))
         field[axis] = _window(field[axis], out.shape[a["dim"]], 1, a.get("step", 1), -begin, 1)
         return field[0], field[1]
 
-    def _permuted(self, func, a: dict, x: Tensor, out: Tensor) -> _Field:
+    def _permuted(self, func: OpOverload, a: dict[str, Any], x: Tensor, out: Tensor) -> _Field:
         n = x.dim()
         if func.overloadpacket is aten.permute:
             order = [d % n for d in a["dims"]]
@@ -391,4 +418,4 @@ class _Tracer(TorchDispatchMode):
                 order[d0], order[d1] = order[d1], order[d0]
         if order[-2:] != [n - 2, n - 1]:
             self._refuse(func, "moves or swaps the spatial axes")
-        return self.field(x)
+        return self._known(x)

@@ -21,13 +21,34 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import TypedDict
 
+import torch
 from torch import nn
 
-__all__ = ["ActLayer", "NormLayer", "conv_bias", "create_act", "create_norm"]
+__all__ = [
+    "ActLayer",
+    "DType",
+    "Device",
+    "FactoryKwargs",
+    "NormLayer",
+    "conv_bias",
+    "create_act",
+    "create_norm",
+]
 
 ActLayer = Callable[..., nn.Module]
 NormLayer = Callable[..., nn.Module]
+# The factory keyword arguments every block takes and passes on (as torch.nn layers do).
+Device = torch.device | str | int | None
+DType = torch.dtype | None
+
+
+class FactoryKwargs(TypedDict):
+    """``dd = {"device": device, "dtype": dtype}``, passed on as ``**dd`` to every layer."""
+
+    device: Device
+    dtype: DType
 
 
 def _parameters(factory: Callable[..., object]) -> dict[str, inspect.Parameter] | None:
@@ -69,7 +90,7 @@ def create_act(act_layer: ActLayer | None) -> nn.Module:
 
 
 def create_norm(
-    norm_layer: NormLayer | None, num_features: int, *, device=None, dtype=None
+    norm_layer: NormLayer | None, num_features: int, *, device: Device = None, dtype: DType = None
 ) -> nn.Module:
     """Build one norm over ``num_features`` channels from ``norm_layer`` (see the module doc)."""
     if norm_layer is None:

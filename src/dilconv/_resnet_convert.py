@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
+import torch
 from torch import nn
 
-from dilconv._layers import NormLayer
+from dilconv._layers import ActLayer, Device, DType, NormLayer
 
 if TYPE_CHECKING:
     from dilconv.resnet import DilatedResNet
 
 __all__ = [
     "TORCHVISION_STRIDES",
+    "TorchvisionLayout",
     "check_same_layers",
     "check_source",
     "follows_torchvision_rule",
@@ -30,6 +32,26 @@ __all__ = [
 # with before replace_stride_with_dilation trades any of them for dilation.
 _TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 TORCHVISION_STRIDES = (1, 2, 2, 2)
+
+
+class TorchvisionLayout(TypedDict, total=False):
+    """The :class:`~dilconv.DilatedResNet` keyword arguments that rebuild a torchvision trunk."""
+
+    in_channels: int
+    stem_channels: int
+    stem_kernel: int
+    stem_stride: int
+    stem_bias: bool
+    stem_pool: bool
+    planes: list[int]
+    blocks: list[int]
+    strides: Sequence[int]
+    dilations: list[tuple[int, ...]]
+    block: str
+    groups: int
+    width_per_group: int
+    norm_layer: NormLayer
+    act_layer: ActLayer
 
 
 def check_source(model: nn.Module) -> None:
@@ -63,28 +85,36 @@ def _norm_layer(norm: nn.Module) -> NormLayer:
     """A factory that builds ``norm``'s type with ``norm``'s settings for any channel count."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    kind = type(norm)
-    if kind is FrozenBatchNorm2d:
-        return functools.partial(kind, eps=norm.eps)
-    if kind is nn.BatchNorm2d:
+    if type(norm) is FrozenBatchNorm2d:
+        return functools.partial(FrozenBatchNorm2d, eps=norm.eps)
+    if type(norm) is nn.BatchNorm2d:
         return functools.partial(
-            kind, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+            nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
             track_running_stats=norm.track_running_stats,
         )
-    if kind is nn.GroupNorm:
-        return functools.partial(kind, norm.num_groups, eps=norm.eps, affine=norm.affine)
+    if type(norm) is nn.GroupNorm:
+        return functools.partial(nn.GroupNorm, norm.num_groups, eps=norm.eps, affine=norm.affine)
     raise TypeError(
         "from_torchvision keeps BatchNorm2d, FrozenBatchNorm2d and GroupNorm norms, "
-        f"bn1 is {kind.__name__}"
+        f"bn1 is {type(norm).__name__}"
     )
 
 
-def torchvision_layout(model: nn.Module) -> dict[str, object]:
+def _stage(model: nn.Module, name: str) -> nn.Sequential:
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.Sequential):
+        raise TypeError(
+            f"from_torchvision reads {name} as an nn.Sequential, got {type(module).__name__}"
+        )
+    return module
+
+
+def torchvision_layout(model: nn.Module) -> TorchvisionLayout:
     """The DilatedResNet arguments that rebuild ``model``'s trunk as it is."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     names = [f"layer{i}" for i in range(1, 5)]
-    stages = [model.get_submodule(name) for name in names]
+    stages = [_stage(model, name) for name in names]
     kind = type(stages[0][0])
     if kind not in (BasicBlock, Bottleneck):
         raise TypeError(
@@ -100,7 +130,7 @@ def torchvision_layout(model: nn.Module) -> dict[str, object]:
                 )
     bottleneck = kind is Bottleneck
     stem = _conv(model, "conv1")
-    layout: dict[str, object] = {
+    layout: TorchvisionLayout = {
         "in_channels": stem.in_channels,
         "stem_channels": stem.out_channels,
         "stem_kernel": stem.kernel_size[0],
@@ -119,10 +149,11 @@ def torchvision_layout(model: nn.Module) -> dict[str, object]:
         ),
     }
     if bottleneck:
-        layout["planes"] = [_conv(model, f"{n}.0.conv3").out_channels // 4 for n in names]
+        planes = [_conv(model, f"{n}.0.conv3").out_channels // 4 for n in names]
         first = _conv(model, "layer1.0.conv2")
+        layout["planes"] = planes
         layout["groups"] = first.groups
-        layout["width_per_group"] = first.out_channels * 64 // (first.groups * layout["planes"][0])
+        layout["width_per_group"] = first.out_channels * 64 // (first.groups * planes[0])
     else:
         layout["planes"] = [_conv(model, f"{n}.0.conv1").out_channels for n in names]
     return layout
@@ -164,7 +195,9 @@ def follows_torchvision_rule(
     return True
 
 
-def placement(model: nn.Module, device, dtype) -> tuple[object, object]:
+def placement(
+    model: nn.Module, device: Device, dtype: DType
+) -> tuple[Device, torch.dtype]:
     """``device`` and ``dtype``, each defaulting to the one all of ``model``'s tensors share."""
     tensors = [*model.parameters(), *model.buffers()]
     if device is None:

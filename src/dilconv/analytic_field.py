@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,7 @@ from dilconv._field_trace import _Axis, _CircularAsConstant, _Refused, _Tracer
 __all__ = ["ReceptiveField", "layer_receptive_fields", "receptive_field"]
 
 OutputIndex = int | str | None
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class ReceptiveField:
         return tuple(boxes)
 
 
-def _select_output(out, output_index: OutputIndex = None) -> Tensor:
+def _select_output(out: object, output_index: OutputIndex = None) -> Tensor:
     """The output of ``out`` (a tensor, a sequence or a mapping) that ``output_index`` names.
 
     ``None`` is allowed when there is only one output; an int picks from a sequence (or a
@@ -134,14 +136,19 @@ def _in_channels(module: nn.Module, in_channels: int | None) -> int:
     )
 
 
-def _like(module: nn.Module) -> dict:
+def _like(module: nn.Module) -> dict[str, Any]:
     for t in [*module.parameters(), *module.buffers()]:
         if t.is_floating_point():
             return {"device": t.device, "dtype": t.dtype}
     return {"device": "cpu", "dtype": torch.float32}
 
 
-def _trace(module: nn.Module, input_size, in_channels: int | None, body: Callable):
+def _trace(
+    module: nn.Module,
+    input_size: int | Sequence[int],
+    in_channels: int | None,
+    body: Callable[[nn.Module, _Tracer, Tensor, tuple[int, int]], _T],
+) -> _T:
     """``body(copy, tracer, x, size)`` with ``copy`` (eval mode) running on traced zeros.
 
     The forward runs on the meta device (shapes only, no arithmetic) and falls back to the
@@ -167,28 +174,34 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     return deepcopy(module, memo)
 
 
-def _run(copy: nn.Module, channels: int, size: tuple[int, int], body: Callable):
+def _run(
+    copy: nn.Module,
+    channels: int,
+    size: tuple[int, int],
+    body: Callable[[nn.Module, _Tracer, Tensor, tuple[int, int]], _T],
+) -> _T:
     names = {m: name for name, m in copy.eval().named_modules()}
     tracer = _Tracer(names)
 
-    def enter(m: nn.Module, args) -> None:
+    def enter(m: nn.Module, args: tuple[Any, ...]) -> None:
         tracer.stack.append(m)
 
-    def leave(m: nn.Module, args, out) -> None:
+    def leave(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         tracer.stack.pop()
 
     for m in names:
         m.register_forward_pre_hook(enter)
         m.register_forward_hook(leave)
     x = torch.zeros(1, channels, *size, **_like(copy))
-    tracer.mark(x, tuple(_Axis(torch.arange(n).double(), torch.arange(n).double(), Fraction(1))
-                         for n in size))
+    height, width = (_Axis(torch.arange(n).double(), torch.arange(n).double(), Fraction(1))
+                     for n in size)
+    tracer.mark(x, (height, width))
     with torch.no_grad(), _CircularAsConstant(), tracer:
         return body(copy, tracer, x, size)
 
 
 def _centre(out: Tensor, position: Sequence[int] | None) -> tuple[int, int]:
-    sizes = tuple(out.shape[-2:]) if out.dim() >= 3 else (1, 1)
+    sizes = (out.shape[-2], out.shape[-1]) if out.dim() >= 3 else (1, 1)
     return _position(position, sizes)
 
 
@@ -206,7 +219,9 @@ def _number(value: float | Fraction) -> float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _report(tracer: _Tracer, out: Tensor, size: tuple[int, int], position) -> ReceptiveField:
+def _report(
+    tracer: _Tracer, out: Tensor, size: tuple[int, int], position: Sequence[int] | None
+) -> ReceptiveField:
     field = tracer.field(out)
     if field is None:
         raise ValueError(
@@ -215,10 +230,12 @@ def _report(tracer: _Tracer, out: Tensor, size: tuple[int, int], position) -> Re
             "tensor)"
         )
     q = _centre(out, position)
-    sizes, jumps, starts = [], [], []
+    sizes: list[float] = []
+    jumps: list[float] = []
+    starts: list[float] = []
     for axis, p, n in zip(field, q, size):
         jumps.append(_number(axis.jump))
-        if axis.whole:
+        if axis.lo is None or axis.hi is None:  # a global field
             sizes.append(math.inf)
             starts.append(_number(Fraction(n - 1, 2)))
             continue
@@ -227,7 +244,7 @@ def _report(tracer: _Tracer, out: Tensor, size: tuple[int, int], position) -> Re
             raise ValueError(f"output pixel {q} does not depend on the input")
         sizes.append(_number(hi - lo + 1))
         starts.append(_number(Fraction(lo + hi) / 2 - p * axis.jump))
-    return ReceptiveField(tuple(sizes), tuple(jumps), tuple(starts))
+    return ReceptiveField((sizes[0], sizes[1]), (jumps[0], jumps[1]), (starts[0], starts[1]))
 
 
 def receptive_field(
@@ -238,11 +255,28 @@ def receptive_field(
     output_index: OutputIndex = None,
     position: Sequence[int] | None = None,
 ) -> ReceptiveField:
-    """Analytic receptive field of ``module``'s output, following its real forward.
+    r"""Analytic receptive field of ``module``'s output, following its real forward.
 
     The module (a copy, in eval mode, so the original is untouched) runs once on zeros of
     shape ``(1, C, H, W)``; every operation's kernel, stride, padding, dilation, interpolation
     indices and branch merges are followed as they happen (see the module docstring).
+
+    For a chain of convolutions and poolings with kernel :math:`k_l`, stride :math:`s_l`,
+    padding :math:`p_l` and dilation :math:`d_l` this is the recursion of Araujo et al. (2019),
+    per axis, with :math:`r_0 = j_0 = 1` and :math:`\mathrm{start}_0 = 0`:
+
+    .. math::
+
+        r_l = r_{l-1} + (k_l - 1)\, d_l\, j_{l-1}, \qquad j_l = j_{l-1}\, s_l,
+
+    .. math::
+
+        \mathrm{start}_l = \mathrm{start}_{l-1}
+        + \Big(\frac{(k_l - 1)\, d_l}{2} - p_l\Big)\, j_{l-1},
+
+    so :math:`j_{l-1} = \prod_{i<l} s_i`; ``size`` is :math:`r_L`, ``jump`` :math:`j_L` and
+    ``start`` :math:`\mathrm{start}_L`. Where branches merge (residual additions,
+    concatenation) the field is the union of theirs, which no single recursion gives.
 
     Args:
         module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
@@ -261,6 +295,10 @@ def receptive_field(
         NotImplementedError: an operation changes the spatial layout in a way the tool does not
             model; the message names the operation and the layer.
 
+    Shape:
+        input: zeros (1, C, H, W) with ``(H, W)`` = ``input_size`` -> the chosen output, whose
+        last two axes are the spatial ones (a (N, C) output has a global field).
+
     Example:
         >>> from torch import nn
         >>> from dilconv import receptive_field
@@ -269,7 +307,7 @@ def receptive_field(
         ReceptiveField(size=(15, 15), jump=(1, 1), start=(0, 0))
     """
 
-    def body(copy: nn.Module, tracer: _Tracer, x: Tensor, size: tuple[int, int]):
+    def body(copy: nn.Module, tracer: _Tracer, x: Tensor, size: tuple[int, int]) -> ReceptiveField:
         return _report(tracer, _select_output(copy(x), output_index), size, position)
 
     return _trace(module, input_size, in_channels, body)
@@ -284,6 +322,17 @@ def layer_receptive_fields(
     more than once reports its last call. Each field is the one of the centre pixel of that
     submodule's output. Submodules whose output is not a single tensor are left out.
 
+    Args:
+        module: called with one NCHW tensor.
+        input_size: ``(H, W)`` of the input.
+        in_channels: C; by default inferred as in :func:`receptive_field`.
+
+    Returns:
+        ``{qualified name: ReceptiveField}``, each computed as :func:`receptive_field` does.
+
+    Shape:
+        input: zeros (1, C, H, W) -> one field per submodule that returns one tensor.
+
     Example:
         >>> from torch import nn
         >>> from dilconv import layer_receptive_fields
@@ -292,10 +341,12 @@ def layer_receptive_fields(
         {'0': (3, 3), '1': (5, 5)}
     """
 
-    def body(copy: nn.Module, tracer: _Tracer, x: Tensor, size: tuple[int, int]):
+    def body(
+        copy: nn.Module, tracer: _Tracer, x: Tensor, size: tuple[int, int]
+    ) -> dict[str, ReceptiveField]:
         fields: dict[str, ReceptiveField] = {}
 
-        def record(m: nn.Module, args, out) -> None:
+        def record(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             if isinstance(out, Tensor) and tracer.field(out) is not None:
                 fields[tracer.names[m]] = _report(tracer, out, size, None)
 

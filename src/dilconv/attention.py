@@ -18,7 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive, reduced_channels
-from dilconv._layers import ActLayer, NormLayer, conv_bias, create_act, create_norm
+from dilconv._layers import (
+    ActLayer,
+    Device,
+    DType,
+    FactoryKwargs,
+    NormLayer,
+    conv_bias,
+    create_act,
+    create_norm,
+)
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
 
@@ -33,11 +42,18 @@ def _check_odd_kernel(name: str, kernel_size: int) -> int:
 
 
 class ChannelAttention(nn.Module):
-    """Rescales channels by a gate from their average- and max-pooled descriptors (eq. 2).
+    r"""Rescales channels by a gate from their average- and max-pooled descriptors (eq. 2).
 
-    ``M_c = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, one MLP shared by both
-    descriptors: 1x1 conv to ``max(1, C // reduction)`` channels, activation, 1x1 conv
-    back to C (both with bias). The output is ``x * M_c``.
+    .. math::
+
+        M_c(F) = \sigma\big(\mathrm{MLP}(\mathrm{AvgPool}(F))
+        + \mathrm{MLP}(\mathrm{MaxPool}(F))\big),
+        \qquad \mathrm{MLP}(z) = W_1\, \delta(W_0 z + b_0) + b_1,
+
+    pooling over the spatial positions, :math:`\sigma` the sigmoid and :math:`\delta` the
+    activation. One MLP is shared by both descriptors: 1x1 conv to ``max(1, C // reduction)``
+    channels, activation, 1x1 conv back to C (both with bias, so :math:`b_1` enters twice, as
+    in the authors' code). The output is :math:`M_c(F) \otimes F`, broadcast over H and W.
 
     Args:
         channels: C, channels in and out.
@@ -60,13 +76,13 @@ class ChannelAttention(nn.Module):
         reduction: int = 16,
         *,
         act_layer: ActLayer | None = nn.ReLU,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         check_positive("channels", channels)
         check_positive("reduction", reduction)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.channels = channels
         self.out_channels = channels
         self.reduction = reduction
@@ -80,9 +96,10 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_feature_map(x, channels=self.channels, name=type(self).__name__)
-        avg = self._mlp(x.mean((2, 3), keepdim=True))
-        peak = self._mlp(x.amax((2, 3), keepdim=True))
-        return x * torch.sigmoid(avg + peak)
+        # Both descriptors through the shared MLP as one batch: two convolution calls, not four.
+        n = x.shape[0]
+        mlp = self._mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)]))
+        return x * torch.sigmoid(mlp[:n] + mlp[n:])
 
     def extra_repr(self) -> str:
         return (
@@ -92,11 +109,17 @@ class ChannelAttention(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """Rescales positions by a gate from the channel-wise mean and max (eq. 3).
+    r"""Rescales positions by a gate from the channel-wise mean and max (eq. 3).
 
-    ``M_s = sigmoid(norm(conv_kxk([mean_c(x); max_c(x)])))``: the two one-channel maps are
-    concatenated (mean first), a ``k x k`` convolution (2 -> 1 channel, padding ``k // 2``,
-    no bias) and a norm layer follow, with no activation. The output is ``x * M_s``.
+    .. math::
+
+        M_s(F) = \sigma\big(\mathrm{norm}(f^{k \times k}([\mathrm{AvgPool}(F);
+        \mathrm{MaxPool}(F)]))\big),
+
+    pooling over the channels: the two one-channel maps are concatenated (mean first), a
+    ``k x k`` convolution :math:`f^{k \times k}` (2 -> 1 channel, padding ``k // 2``, no bias)
+    and a norm layer follow, with no activation. The output is :math:`M_s(F) \otimes F`,
+    broadcast over the channels.
     Works on any number of channels.
 
     Args:
@@ -119,12 +142,12 @@ class SpatialAttention(nn.Module):
         kernel_size: int = 7,
         *,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         _check_odd_kernel("kernel_size", kernel_size)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.kernel_size = kernel_size
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2,
                               bias=conv_bias(norm_layer), **dd)
@@ -140,10 +163,14 @@ class SpatialAttention(nn.Module):
 
 
 class CBAM(nn.Module):
-    """Channel attention then spatial attention, both multiplicative (Woo et al., eq. 1).
+    r"""Channel attention then spatial attention, both multiplicative (Woo et al., eq. 1).
 
-    ``x' = M_c(x) * x``, ``x'' = M_s(x') * x'``; both gates lie in (0, 1), so
-    ``|CBAM(x)| <= |x|`` element-wise.
+    .. math::
+
+        F' = M_c(F) \otimes F, \qquad F'' = M_s(F') \otimes F',
+
+    with :math:`M_c` of :class:`ChannelAttention` and :math:`M_s` of :class:`SpatialAttention`.
+    Both gates lie in (0, 1), so :math:`|F''| \le |F|` element-wise.
 
     Args:
         channels: C, channels in and out.
@@ -172,8 +199,8 @@ class CBAM(nn.Module):
         *,
         act_layer: ActLayer | None = nn.ReLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         _check_odd_kernel("spatial_kernel", spatial_kernel)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,7 +23,16 @@ from dilconv._checks import (
     pyramid_channels,
     pyramid_output_keys,
 )
-from dilconv._layers import ActLayer, NormLayer, conv_bias, create_act, create_norm
+from dilconv._layers import (
+    ActLayer,
+    Device,
+    DType,
+    FactoryKwargs,
+    NormLayer,
+    conv_bias,
+    create_act,
+    create_norm,
+)
 from dilconv.fusion import FUSION_MODES, WeightedFusion
 from dilconv.upsample import resize_to
 
@@ -35,8 +46,40 @@ separable conv, batch norm)."""
 Features = Sequence[Tensor] | Mapping[str, Tensor]
 
 
+def _cpu_inference(x: Tensor) -> bool:
+    """Whether ``x`` takes the CPU inference forms below: eager, NCHW, no gradient recorded.
+
+    There ``max_pool2d`` and ``upsample_nearest2d`` run as scalar loops (several times slower
+    than in channels_last); the strided and broadcast forms give the same values several times
+    faster, but their backward passes are slower, so training keeps the library kernels.
+    """
+    if torch.compiler.is_compiling():  # checked first: the shape tests below would add guards
+        return False
+    return (
+        x.device.type == "cpu"
+        and x.is_contiguous()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
+def _max_pool_3x3_s2(x: Tensor) -> Tensor:
+    """``max_pool2d(x, 3, stride=2, padding=1)`` as maxima of strided views (same values)."""
+    h, w = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
+    x = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    x = torch.maximum(torch.maximum(x[..., 0 : 2 * h : 2, :], x[..., 1 : 2 * h + 1 : 2, :]),
+                      x[..., 2 : 2 * h + 2 : 2, :])
+    return torch.maximum(torch.maximum(x[..., 0 : 2 * w : 2], x[..., 1 : 2 * w + 1 : 2]),
+                         x[..., 2 : 2 * w + 2 : 2])
+
+
 def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
-    return x if x.shape[-2:] == like.shape[-2:] else resize_to(x, like)
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
+    n, c, h, w = x.shape
+    if _cpu_inference(x) and like.shape[-2:] == (2 * h, 2 * w):
+        # Nearest 2x as a broadcast copy: each pixel repeated over a 2x2 block.
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+    return resize_to(x, like)
 
 
 def _downsample_to(x: Tensor, like: Tensor) -> Tensor:
@@ -44,7 +87,10 @@ def _downsample_to(x: Tensor, like: Tensor) -> Tensor:
     # snapped to the target by nearest interpolation, so that any pyramid lines up.
     if x.shape[-2:] == like.shape[-2:]:
         return x
-    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    if _cpu_inference(x):
+        x = _max_pool_3x3_s2(x)
+    else:
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     return _upsample_to(x, like)
 
 
@@ -62,7 +108,7 @@ class _FusionNode(nn.Module):
         act_layer: ActLayer | None,
         norm_layer: NormLayer | None,
         order: str,
-        dd: dict,
+        dd: FactoryKwargs,
     ) -> None:
         super().__init__()
         self.act_first = order == "act_conv_norm"
@@ -86,7 +132,7 @@ class _ExtraLevel(nn.Module):
     a 3x3 stride-2 max-pool (``ceil(H / 2)``, the official code's "same" padding)."""
 
     def __init__(
-        self, in_channels: int, channels: int, norm_layer: NormLayer | None, dd: dict
+        self, in_channels: int, channels: int, norm_layer: NormLayer | None, dd: FactoryKwargs
     ) -> None:
         super().__init__()
         self.conv: nn.Module | None = None
@@ -177,16 +223,16 @@ class BiFPNLayer(nn.Module):
         act_layer: ActLayer | None = nn.SiLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         node_order: str = "conv_norm_act",
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         check_positive("channels", channels)
         check_positive("num_levels", num_levels, minimum=2)
         check_choice("fusion", fusion, FUSION_MODES)
         check_choice("node_order", node_order, NODE_ORDERS)
-        dd = {"device": device, "dtype": dtype}
-        node_kwargs = {"eps": eps, "fusion": fusion, "act_layer": act_layer,
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
+        node_kwargs: dict[str, Any] = {"eps": eps, "fusion": fusion, "act_layer": act_layer,
                        "norm_layer": norm_layer, "order": node_order, "dd": dd}
         self.node_order = node_order
         self.channels = channels
@@ -299,8 +345,8 @@ class BiFPN(nn.Module):
         act_layer: ActLayer | None = nn.SiLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         node_order: str = "conv_norm_act",
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         self.in_keys, self.in_channels = pyramid_channels(in_channels, min_levels=2)
@@ -315,7 +361,7 @@ class BiFPN(nn.Module):
                 f"num_levels must be at least the number of input levels ({inputs}), "
                 f"got {num_levels}"
             )
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.out_channels = channels
         self.num_layers = num_layers
         self.num_levels = num_levels

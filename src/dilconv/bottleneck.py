@@ -9,13 +9,26 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive
-from dilconv._layers import ActLayer, NormLayer, conv_bias, create_act, create_norm
+from dilconv._layers import (
+    ActLayer,
+    Device,
+    DType,
+    FactoryKwargs,
+    NormLayer,
+    conv_bias,
+    create_act,
+    create_norm,
+)
 
 __all__ = ["DilatedBasicBlock", "DilatedBottleneck"]
 
 
 def _projection(
-    in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer | None, dd: dict
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    norm_layer: NormLayer | None,
+    dd: FactoryKwargs,
 ) -> nn.Sequential | None:
     if stride == 1 and in_channels == out_channels:
         return None
@@ -68,8 +81,8 @@ class DilatedBottleneck(nn.Module):
         width: int | None = None,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         act_layer: ActLayer | None = nn.ReLU,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         check_positive("in_channels", in_channels)
@@ -81,7 +94,7 @@ class DilatedBottleneck(nn.Module):
         width = planes if width is None else check_positive("width", width)
         if width % groups:
             raise ValueError(f"width ({width}) must be divisible by groups ({groups})")
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         bias = conv_bias(norm_layer)
         self.in_channels = in_channels
         self.out_channels = planes * expansion
@@ -105,7 +118,8 @@ class DilatedBottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        out += shortcut  # in place, as torchvision does: norms keep their input for backward
+        return self.relu(out)
 
     def extra_repr(self) -> str:
         return (
@@ -152,15 +166,15 @@ class DilatedBasicBlock(nn.Module):
         *,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         act_layer: ActLayer | None = nn.ReLU,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         check_positive("in_channels", in_channels)
         check_positive("planes", planes)
         check_positive("stride", stride)
         check_positive("dilation", dilation)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         bias = conv_bias(norm_layer)
         self.in_channels = in_channels
         self.out_channels = planes
@@ -183,7 +197,8 @@ class DilatedBasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + shortcut)
+        out += shortcut
+        return self.relu(out)
 
     def extra_repr(self) -> str:
         return (

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dilconv._checks import check_choice, check_feature_map, check_positive
-from dilconv._layers import ActLayer, create_act
+from dilconv._layers import ActLayer, Device, DType, FactoryKwargs, create_act
 
 __all__ = ["ContextModule", "identity_init_"]
 
@@ -32,21 +32,29 @@ def identity_init_(
     noise_std: float | None = None,
     generator: torch.Generator | None = None,
 ) -> nn.Conv2d:
-    """Fill ``conv`` in place with the identity initialisation of Yu & Koltun (eq. 4 and 5).
+    r"""Fill ``conv`` in place with the identity initialisation of Yu & Koltun (eq. 4 and 5).
 
-    With ``C`` = ``base_channels``, ``c_i`` = ``conv.in_channels`` and ``c_{i+1}`` =
-    ``conv.out_channels``, the filter of output map ``b`` at spatial offset ``t`` from the kernel
-    centre, applied to input map ``a``, is
+    With :math:`C` = ``base_channels``, :math:`c_i` = ``conv.in_channels`` and
+    :math:`c_{i+1}` = ``conv.out_channels``, the filter of output map :math:`b` at spatial
+    offset :math:`t` from the kernel centre, applied to input map :math:`a`, is (eq. 5)
 
-        k^b(t, a) = C / c_{i+1}  if t = 0 and floor(a C / c_i) = floor(b C / c_{i+1}),
-                    epsilon ~ N(0, noise_std^2)  otherwise,
+    .. math::
 
-    and the bias is 0. As in the paper, ``a`` indexes the *input* maps and ``b`` the *output*
-    maps, so the entry is ``conv.weight[b, a, kh // 2, kw // 2]``; ``floor(a C / c_i)`` is then
-    the group (one of ``C``) of input map ``a``. Each output map averages the input maps of its
+        k^b(t, a) = \begin{cases}
+            \dfrac{C}{c_{i+1}} & \text{if } t = 0 \text{ and }
+                \left\lfloor \dfrac{aC}{c_i} \right\rfloor
+                = \left\lfloor \dfrac{bC}{c_{i+1}} \right\rfloor, \\[4pt]
+            \varepsilon \sim \mathcal{N}(0, \sigma^2) & \text{otherwise,}
+        \end{cases}
+
+    with :math:`\sigma` = ``noise_std``, and the bias is 0. As in the paper, ``a`` indexes the
+    *input* maps and ``b`` the *output* maps, so the entry is
+    ``conv.weight[b, a, kh // 2, kw // 2]``; :math:`\lfloor aC / c_i \rfloor` is then the group
+    (one of :math:`C`) of input map :math:`a`. Each output map averages the input maps of its
     group, and every layer keeps each group's sum, so a stack of such layers is the identity on
-    ``C`` maps. With ``c_i = c_{i+1} = C`` this is eq. 4, ``k^b(t, a) = 1[t=0] 1[a=b]``, and the
-    default noise is 0, so the convolution passes its input through exactly.
+    ``C`` maps. With :math:`c_i = c_{i+1} = C` this is eq. 4, the basic module's identity
+    kernel at the centre, :math:`k^b(t, a) = 1_{[t=0]}\, 1_{[a=b]}`, and the default noise is
+    0, so the convolution passes its input through exactly.
 
     Args:
         conv: a convolution with ``groups=1`` and odd kernel sizes (``t = 0`` is the centre).
@@ -117,7 +125,7 @@ def identity_init_(
 
 
 class ContextModule(nn.Module):
-    """Multi-scale context aggregation by dilated convolutions (Yu & Koltun, Table 1).
+    r"""Multi-scale context aggregation by dilated convolutions (Yu & Koltun, Table 1).
 
     Seven 3x3 convolutions with dilations 1, 1, 2, 4, 8, 16, 1 (padding = dilation, bias), each
     followed by the activation, then a 1x1 convolution (bias) with no activation. The "basic"
@@ -144,8 +152,10 @@ class ContextModule(nn.Module):
     Attributes:
         dilations: dilation of each of the 8 layers, ``(1, 1, 2, 4, 8, 16, 1, 1)``.
         widths: output channels of each layer.
-        receptive_fields: receptive field after each layer, computed from the kernel sizes and
-            dilations, ``(3, 5, 9, 17, 33, 65, 67, 67)``.
+        receptive_fields: receptive field after each layer, computed from the kernel sizes
+            :math:`k_l` and dilations :math:`d_l` (every stride is 1) as
+            :math:`r_l = r_{l-1} + (k_l - 1)\, d_l`, :math:`r_0 = 1`:
+            ``(3, 5, 9, 17, 33, 65, 67, 67)``.
 
     Shape:
         input (N, C, H, W) -> output (N, C, H, W)
@@ -171,8 +181,8 @@ class ContextModule(nn.Module):
         identity_init: bool = True,
         *,
         act_layer: ActLayer | None = nn.ReLU,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         if channels is None and num_classes is None:
@@ -186,7 +196,7 @@ class ContextModule(nn.Module):
             channels = check_positive("num_classes", num_classes)
         check_positive("channels", channels)
         check_choice("variant", variant, ("basic", "large"))
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         multipliers = _LARGE_MULTIPLIERS if variant == "large" else (1,) * len(_DILATIONS)
         widths = [m * channels for m in multipliers] + [channels]
         self.in_channels = channels
@@ -203,17 +213,19 @@ class ContextModule(nn.Module):
         self.convs.append(nn.Conv2d(c_in, channels, 1, **dd))
         self.act = create_act(act_layer)
         self.widths = tuple(conv.out_channels for conv in self.convs)
-        self.dilations = tuple(conv.dilation[0] for conv in self.convs)
+        # nn.ModuleList types its items as nn.Module, not the nn.Conv2d they are.
+        self.dilations = tuple(conv.dilation[0] for conv in self.convs)  # type: ignore[index]
         self.receptive_fields = _receptive_fields(self.convs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Identity initialisation (eq. 4-5) with ``base_channels=C``, or PyTorch's default."""
+        # nn.ModuleList types its items as nn.Module, not the nn.Conv2d they are.
         for conv in self.convs:
             if self.identity_init:
-                identity_init_(conv, base_channels=self.out_channels)
+                identity_init_(conv, base_channels=self.out_channels)  # type: ignore[arg-type]
             else:
-                conv.reset_parameters()
+                conv.reset_parameters()  # type: ignore[operator]
 
     def forward(self, x: Tensor) -> Tensor:
         check_feature_map(x, channels=self.in_channels, name=type(self).__name__)
@@ -234,6 +246,7 @@ def _receptive_fields(convs: nn.ModuleList) -> tuple[int, ...]:
     fields = []
     field = 1
     for conv in convs:
-        field += (conv.kernel_size[0] - 1) * conv.dilation[0]
+        # nn.ModuleList types its items as nn.Module, not the nn.Conv2d they are.
+        field += (conv.kernel_size[0] - 1) * conv.dilation[0]  # type: ignore[assignment, index]
         fields.append(field)
     return tuple(fields)

@@ -16,10 +16,11 @@ module's real weights. The module passed in is never modified.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from copy import deepcopy
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,14 +48,19 @@ _MAX_POOLS = {F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d}
 _ADAPTIVE_MAX_POOLS = {F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices}
 
 
-def _sum_pool(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-              return_indices=False):
+def _sum_pool(
+    x: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Max pooling's window and output size, with every element of the window summed."""
-    pooled, indices = F.max_pool2d_with_indices(
-        x.detach(), kernel_size, stride, padding, dilation, ceil_mode=ceil_mode
-    )
     k, p, d = _two(kernel_size, 1), _two(padding, 0), _two(dilation, 1)
     s = k if stride is None or stride == [] else _two(stride, 1)
+    pooled, indices = F.max_pool2d_with_indices(x.detach(), k, s, p, d, ceil_mode=ceil_mode)
     out = pooled.shape[-2:]
     extra = [max(0, (n - 1) * s[i] + d[i] * (k[i] - 1) + 1 - (x.shape[i - 2] + 2 * p[i]))
              for i, n in enumerate(out)]
@@ -68,7 +74,10 @@ def _sum_pool(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_m
 class _SumPooling(TorchFunctionMode):
     """Max pooling passes a gradient to one element per window; sum pooling to all of them."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Sequence[type], args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.max_pool2d_with_indices:
             return _sum_pool(*args, **{**kwargs, "return_indices": True})
@@ -86,10 +95,11 @@ class _SumPooling(TorchFunctionMode):
 @torch.no_grad()
 def _all_paths(module: nn.Module) -> nn.Module:
     for m in module.modules():
-        if isinstance(getattr(m, "running_mean", None), Tensor):
-            m.running_mean.zero_()
-        if isinstance(getattr(m, "running_var", None), Tensor):
-            m.running_var.fill_(1)
+        mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+        if isinstance(mean, Tensor):
+            mean.zero_()
+        if isinstance(var, Tensor):
+            var.fill_(1)
     for p in module.parameters():
         if p.is_floating_point():
             p.abs_().add_(0.01)
@@ -133,7 +143,8 @@ def _gradients(module: nn.Module, input_shape: Sequence[int], output_index: Outp
 
 def _backward(copy: nn.Module, shape: tuple[int, int, int], output_index: OutputIndex,
               position: Sequence[int] | None, probes: int, samples: int, seed: int,
-              mode: TorchFunctionMode | None):
+              mode: TorchFunctionMode | None,
+              ) -> tuple[Tensor, list[tuple[int, int]], tuple[int, int]]:
     like = next((t for t in copy.parameters() if t.is_floating_point()), None)
     device, dtype = (like.device, like.dtype) if like is not None else ("cpu", torch.float32)
     generator = torch.Generator().manual_seed(seed)
@@ -145,12 +156,12 @@ def _backward(copy: nn.Module, shape: tuple[int, int, int], output_index: Output
     x = x.to(device=device, dtype=dtype).requires_grad_(True)
     with torch.enable_grad(), mode or nullcontext():
         out = _select_output(copy(x), output_index)
-    size = tuple(out.shape[-2:]) if out.dim() >= 3 else (1, 1)
+    size = (out.shape[-2], out.shape[-1]) if out.dim() >= 3 else (1, 1)
     base = _position(position, size)
-    positions = [
-        tuple(q + i if q + i < n else max(q - i, 0) for q, n in zip(base, size))
-        for i in range(probes)
-    ]
+    positions: list[tuple[int, int]] = []
+    for i in range(probes):
+        y, x_ = (q + i if q + i < n else max(q - i, 0) for q, n in zip(base, size))
+        positions.append((y, x_))
     picked = [
         out[b].sum() if out.dim() < 3 else out[b, ..., y, x_].sum()
         for b, (y, x_) in enumerate(p for p in positions for _ in range(samples))
@@ -238,6 +249,10 @@ def empirical_receptive_field(
         position: ``(y, x)`` output pixel; default the centre of the output.
         jump: ``(h, w)`` (or one number) to use instead of measuring it.
 
+    Shape:
+        input: (2, C, H, W) (one probe pixel per sample, two to measure the jump; one with
+        ``jump`` given) -> the chosen output, spatial axes last.
+
     Example:
         >>> from torch import nn
         >>> from dilconv import empirical_receptive_field
@@ -249,7 +264,9 @@ def empirical_receptive_field(
     maps, positions, size = _gradients(module, input_shape, output_index, position,
                                        probes=1 if jump is not None else 2, weights="positive")
     boxes = [_box(m > 0) for m in maps]
-    sizes, jumps, starts = [], [], []
+    sizes: list[float] = []
+    jumps: list[float] = []
+    starts: list[float] = []
     for axis, n_in in enumerate((height, width)):
         lo, hi = boxes[0][axis]
         q = positions[0][axis]
@@ -268,7 +285,7 @@ def empirical_receptive_field(
         sizes.append(hi - lo + 1)
         jumps.append(_number(step))
         starts.append(_number(Fraction(lo + hi, 2) - q * step))
-    return ReceptiveField(tuple(sizes), tuple(jumps), tuple(starts))
+    return ReceptiveField((sizes[0], sizes[1]), (jumps[0], jumps[1]), (starts[0], starts[1]))
 
 
 def gridding_holes(
@@ -284,8 +301,17 @@ def gridding_holes(
     al., DRN, CVPR 2017 and Wang et al., WACV 2018): 3x3 convolutions dilated (2, 2, 2) reach
     only every other pixel, while (1, 2, 5) or (1, 2, 4) reach them all.
 
+    Args:
+        module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
+        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
+        output_index: which output, when the module returns several.
+        position: ``(y, x)`` output pixel; default the centre of the output.
+
     Returns:
         bool tensor (H, W), True at the holes; ``.nonzero()`` lists them as (y, x).
+
+    Shape:
+        input_shape (C, H, W) -> output (H, W), bool.
 
     Example:
         >>> from torch import nn
@@ -316,14 +342,42 @@ def effective_receptive_field(
     samples: int = 8,
     seed: int = 0,
 ) -> float:
-    """Radius around the field's centre that holds ``share`` of the gradient mass.
+    r"""Radius around the field's centre that holds ``share`` of the gradient mass.
 
-    Luo et al. (2016) show that the gradient of an output pixel with respect to the input,
-    with real weights, is roughly Gaussian and occupies a small part of the theoretical field.
-    Here the mass is ``|d y / d x|`` summed over channels and averaged over ``samples``
-    standard-normal inputs, with the module (a copy) in eval mode; the centre is the centre of
-    the box where that mass is non-zero, and the radius is the smallest Euclidean distance
-    ``r`` such that the pixels within ``r`` hold ``share`` of the total mass.
+    Luo et al. (2016, sec. 2) define the effective receptive field of an output pixel
+    :math:`y` as the gradient :math:`\partial y / \partial x_{i,j}` over the input pixels, and
+    show that with real weights it is roughly Gaussian and occupies a small part of the
+    theoretical field. Here :math:`y` is the output pixel ``position`` summed over the output
+    channels, the module (a copy) is in eval mode, and the mass is averaged over
+    :math:`N` = ``samples`` standard-normal inputs :math:`x^{(n)}`:
+
+    .. math::
+
+        g(i, j) = \frac{1}{N} \sum_{n=1}^{N} \sum_c
+        \left| \frac{\partial y}{\partial x^{(n)}_{c,i,j}} \right| .
+
+    With :math:`m` the centre of the box where :math:`g > 0`, the result is the smallest
+    Euclidean radius that holds ``share`` of the mass:
+
+    .. math::
+
+        \rho = \min \Big\{ \|(i, j) - m\| \;:\; \sum_{\|(i', j') - m\| \le \|(i, j) - m\|}
+        g(i', j') \ge \mathrm{share} \sum_{i', j'} g(i', j') \Big\} .
+
+    Args:
+        module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
+        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
+        share: fraction of the gradient mass the radius holds, in (0, 1].
+        output_index: which output, when the module returns several.
+        position: ``(y, x)`` output pixel; default the centre of the output.
+        samples: :math:`N`, standard-normal inputs averaged over.
+        seed: seed of the random inputs.
+
+    Returns:
+        :math:`\rho`, in input pixels.
+
+    Shape:
+        input: ``samples`` draws of (C, H, W) -> a float.
 
     Example:
         >>> from torch import nn

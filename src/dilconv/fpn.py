@@ -14,7 +14,7 @@ from dilconv._checks import (
     pyramid_channels,
     pyramid_output_keys,
 )
-from dilconv._layers import NormLayer, conv_bias, create_norm
+from dilconv._layers import Device, DType, FactoryKwargs, NormLayer, conv_bias, create_norm
 from dilconv.upsample import TransposedConvUpsampler, resize_to
 
 __all__ = ["FPNNeck", "UPSAMPLE_MODES"]
@@ -76,14 +76,14 @@ class FPNNeck(nn.Module):
         *,
         extra_level: bool = False,
         norm_layer: NormLayer | None = None,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         self.in_keys, in_channels = pyramid_channels(in_channels)
         check_positive("out_channels", out_channels)
         check_choice("upsample", upsample, UPSAMPLE_MODES)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.upsample_mode = upsample

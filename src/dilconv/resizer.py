@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dilconv._checks import check_choice, check_feature_map, check_positive, pair
-from dilconv._layers import ActLayer, NormLayer, create_act, create_norm
+from dilconv._layers import (
+    ActLayer,
+    Device,
+    DType,
+    FactoryKwargs,
+    NormLayer,
+    create_act,
+    create_norm,
+)
 from dilconv.attention import CBAM
 
 __all__ = ["LearnableResizer"]
@@ -48,7 +56,7 @@ class _ResBlock(nn.Module):
         norm_layer: NormLayer | None,
         act_layer: ActLayer | None,
         attention: str | None,
-        dd: dict,
+        dd: FactoryKwargs,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, **dd)
@@ -63,11 +71,24 @@ class _ResBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         if self.attn is not None:
             out = self.attn(out)
-        return out + x
+        out += x  # in place: neither a norm nor CBAM keeps its output for backward
+        return out
 
 
 class LearnableResizer(nn.Module):
-    """Resizes images to ``output_size`` by interpolation plus a learned residual.
+    r"""Resizes images to ``output_size`` by interpolation plus a learned residual.
+
+    With :math:`B` the fixed interpolation to the target size, the output is
+
+    .. math::
+
+        y = B(x) + R\big(B(f(x))\big),
+
+    where :math:`f` is the stem (7x7 conv, activation, 1x1 conv, activation, norm: features of
+    :math:`x` at the input resolution) and :math:`R(r) = W_{7 \times 7}\big(
+    \mathrm{norm}(W_{3 \times 3}\, G(r)) + r\big)` the residual blocks :math:`G`, a 3x3 conv
+    and the output 7x7 conv. The image skip and the learned branch use the same :math:`B`; the
+    learned branch resizes features of :math:`x`, not :math:`B(x)` itself.
 
     Following Fig. 2 of Talebi & Milanfar (2021), with n = ``num_filters``::
 
@@ -129,8 +150,8 @@ class LearnableResizer(nn.Module):
         *,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         act_layer: ActLayer | None = LEAKY_RELU,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         check_positive("in_channels", in_channels)
@@ -139,7 +160,7 @@ class LearnableResizer(nn.Module):
         check_choice("interpolation", interpolation, INTERPOLATIONS)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         n = num_filters
         self.in_channels = in_channels
         self.out_channels = in_channels
@@ -169,8 +190,11 @@ class LearnableResizer(nn.Module):
         skip = self._resize(x, size)
         features = self.stem_norm(self.act(self.stem_proj(self.act(self.stem_conv(x)))))
         resized = self._resize(features, size)
-        out = self.tail_norm(self.tail_conv(self.blocks(resized))) + resized
-        return self.out_conv(out) + skip
+        out = self.tail_norm(self.tail_conv(self.blocks(resized)))
+        out += resized
+        out = self.out_conv(out)
+        out += skip
+        return out
 
     def extra_repr(self) -> str:
         return (

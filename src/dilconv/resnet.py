@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from dilconv._checks import check_choice, check_feature_map, check_positive
-from dilconv._layers import ActLayer, NormLayer, create_act, create_norm
+from dilconv._layers import (
+    ActLayer,
+    Device,
+    DType,
+    FactoryKwargs,
+    NormLayer,
+    create_act,
+    create_norm,
+)
 from dilconv._resnet_convert import (
     TORCHVISION_STRIDES,
     check_same_layers,
@@ -150,8 +158,8 @@ class DilatedResNet(nn.Module):
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         act_layer: ActLayer | None = nn.ReLU,
         zero_init_residual: bool = False,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         check_positive("in_channels", in_channels)
@@ -182,7 +190,7 @@ class DilatedResNet(nn.Module):
             raise ValueError(
                 f"output_stride={output_stride} is finer than the stem's reduction {stem_reduction}"
             )
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.block = block
         self.output_stride = output_stride
@@ -243,12 +251,14 @@ class DilatedResNet(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for norm in self._norms():
-            if isinstance(getattr(norm, "weight", None), Tensor):
-                nn.init.ones_(norm.weight)
-            if isinstance(getattr(norm, "bias", None), Tensor):
-                nn.init.zeros_(norm.bias)
-            if hasattr(norm, "reset_running_stats"):
-                norm.reset_running_stats()
+            weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+            if isinstance(weight, Tensor):
+                nn.init.ones_(weight)
+            if isinstance(bias, Tensor):
+                nn.init.zeros_(bias)
+            reset_running_stats = getattr(norm, "reset_running_stats", None)
+            if callable(reset_running_stats):
+                reset_running_stats()
         if not self.zero_init_residual:
             return
         for index, stage in enumerate(self.stages, start=1):
@@ -267,8 +277,9 @@ class DilatedResNet(nn.Module):
         for stage in self.stages:
             for block in stage:
                 norms += [getattr(block, n) for n in ("bn1", "bn2", "bn3") if hasattr(block, n)]
-                if block.downsample is not None:
-                    norms.append(block.downsample[1])
+                downsample = getattr(block, "downsample", None)
+                if isinstance(downsample, nn.Sequential):
+                    norms.append(downsample[1])
         return norms
 
     def forward_stem(self, x: Tensor) -> Tensor:
@@ -292,7 +303,12 @@ class DilatedResNet(nn.Module):
 
     @classmethod
     def from_torchvision(
-        cls, model: nn.Module, output_stride: int | None = None, *, device=None, dtype=None
+        cls,
+        model: nn.Module,
+        output_stride: int | None = None,
+        *,
+        device: Device = None,
+        dtype: DType = None,
     ) -> DilatedResNet:
         """Convert a torchvision ``ResNet`` (any depth, ResNeXt and wide variants included).
 
@@ -356,7 +372,8 @@ class DilatedResNet(nn.Module):
                     f"{layout['dilations']} are not one torchvision builds; pass "
                     "output_stride=None to keep them"
                 )
-            layout.update(strides=TORCHVISION_STRIDES, dilations=(1,) * 4)
+            layout["strides"] = TORCHVISION_STRIDES
+            layout["dilations"] = [(1,) * n for n in layout["blocks"]]
         device, dtype = placement(model, device, dtype)
         net = cls(**layout, output_stride=output_stride, device=device, dtype=dtype)
         state = {k: v for k, v in model.state_dict().items()

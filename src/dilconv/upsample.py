@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dilconv._checks import check_feature_map, check_positive, pair
-from dilconv._layers import NormLayer, conv_bias, create_norm
+from dilconv._layers import Device, DType, FactoryKwargs, NormLayer, conv_bias, create_norm
 
 __all__ = ["TransposedConvUpsampler", "resize_to"]
 
@@ -27,7 +27,19 @@ def resize_to(x: Tensor, like: Tensor, mode: str = "nearest") -> Tensor:
 
 
 class TransposedConvUpsampler(nn.Module):
-    """ConvTranspose2d(kernel=scale, stride=scale) followed by a norm (BatchNorm2d by default).
+    r"""ConvTranspose2d(kernel=scale, stride=scale) followed by a norm (BatchNorm2d by default).
+
+    A transposed convolution with kernel :math:`k`, stride :math:`s`, padding :math:`p` and
+    dilation :math:`d` maps :math:`H_{in}` to (Dumoulin & Visin 2016, relationship 14; the
+    formula of ``torch.nn.ConvTranspose2d``)
+
+    .. math::
+
+        H_{out} = (H_{in} - 1)\,s - 2p + d\,(k - 1) + \mathrm{output\_padding} + 1 .
+
+    Here :math:`k = s` = ``scale``, :math:`p = 0`, :math:`d = 1`, so
+    :math:`H_{out} = s\,H_{in} + \mathrm{output\_padding}` with
+    :math:`0 \le \mathrm{output\_padding} \le s - 1`; the same holds for the width.
 
     Without ``output_size`` the output is exactly ``scale * H x scale * W``. A requested
     ``output_size`` may lie anywhere in ``[scale * (H - 1) + 1, scale * H + scale - 1]`` per
@@ -72,14 +84,14 @@ class TransposedConvUpsampler(nn.Module):
         scale: int = 2,
         *,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
-        device=None,
-        dtype=None,
+        device: Device = None,
+        dtype: DType = None,
     ) -> None:
         super().__init__()
         check_positive("in_channels", in_channels)
         check_positive("out_channels", out_channels)
         check_positive("scale", scale)
-        dd = {"device": device, "dtype": dtype}
+        dd: FactoryKwargs = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.scale = scale
