@@ -331,23 +331,50 @@ def test_node_order(order):
     assert set(layer.state_dict()) == set(BiFPNLayer(4, num_levels=2).state_dict())
 
 
-@pytest.mark.parametrize("size", [(8, 8), (7, 9), (5, 6), (1, 3)])
-def test_cpu_inference_resampling_equals_the_library_kernels(size):
-    # Inference on CPU takes strided / broadcast forms of the max-pool and the 2x nearest
-    # up-sampling (faster in NCHW); they must give exactly the values of the kernels that
-    # training (and compile) keep.
-    from dilconv.bifpn import _downsample_to, _upsample_to
+def _bifpn_and_layer():
+    torch.manual_seed(0)
+    neck = BiFPN([8, 16, 32], 8, num_layers=2, num_levels=5)
+    feats = [torch.randn(2, c, s, s + 1) for c, s in ((8, 16), (16, 8), (32, 4))]
+    layer = BiFPNLayer(8, num_levels=3)
+    levels = [torch.randn(2, 8, s, s) for s in (9, 5, 3)]
+    return [(neck, feats), (layer, levels)]
 
-    x = torch.randn(2, 3, *size)
-    x[0, 0, 0, 0] = float("nan")
-    x[1, 1] = 0.0  # ties
-    coarse = torch.empty(2, 3, (size[0] + 1) // 2, (size[1] + 1) // 2)
-    fine = torch.empty(2, 3, 2 * size[0], 2 * size[1])
-    with torch.no_grad():
-        down, up = _downsample_to(x, coarse), _upsample_to(x, fine)
-    torch.testing.assert_close(down, F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(up, F.interpolate(x, size=fine.shape[-2:]), rtol=0, atol=0,
-                               equal_nan=True)
+
+@pytest.mark.parametrize("case", [0, 1], ids=["BiFPN", "BiFPNLayer"])
+def test_cpu_nchw_runs_channels_last_inside_and_gives_nchw_back(case, monkeypatch):
+    # On the CPU the pyramid converts NCHW levels to channels_last once (its pool, up-sampling
+    # and convs are faster there) and its outputs back: same values and gradients as running
+    # in NCHW throughout, and the caller gets the memory format it gave.
+    import dilconv.bifpn
+
+    module, levels = _bifpn_and_layer()[case]
+    seen = []
+    for conv in (m for m in module.modules() if isinstance(m, nn.Conv2d)):
+        conv.register_forward_pre_hook(
+            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    inputs = [x.clone().requires_grad_() for x in levels]
+    out = module(inputs)
+    assert seen and all(seen)
+    assert all(o.is_contiguous() for o in out)
+    sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in out).backward()
+
+    monkeypatch.setattr(dilconv.bifpn, "_cpu_nchw", lambda levels: False)
+    seen.clear()
+    reference_inputs = [x.clone().requires_grad_() for x in levels]
+    reference = module(reference_inputs)
+    assert not any(seen)
+    sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in reference).backward()
+    for got, expected in zip(out, reference, strict=True):
+        torch.testing.assert_close(got, expected)
+    for got, expected in zip(inputs, reference_inputs, strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-4, atol=1e-4)  # conv algos
+
+
+def test_channels_last_levels_stay_channels_last():
+    module, levels = _bifpn_and_layer()[0]
+    out = module([x.contiguous(memory_format=torch.channels_last) for x in levels])
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in out)
 
 
 def test_bifpn_inference_equals_its_grad_enabled_forward():

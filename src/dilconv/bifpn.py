@@ -46,40 +46,31 @@ separable conv, batch norm)."""
 Features = Sequence[Tensor] | Mapping[str, Tensor]
 
 
-def _cpu_inference(x: Tensor) -> bool:
-    """Whether ``x`` takes the CPU inference forms below: eager, NCHW, no gradient recorded.
+def _cpu_nchw(levels: Sequence[Tensor]) -> bool:
+    """Whether the pyramid is on the CPU in NCHW, and so runs in channels_last inside (eager).
 
-    There ``max_pool2d`` and ``upsample_nearest2d`` run as scalar loops (several times slower
-    than in channels_last); the strided and broadcast forms give the same values several times
-    faster, but their backward passes are slower, so training keeps the library kernels.
+    On the CPU, ``max_pool2d`` and ``upsample_nearest2d`` run as scalar loops in NCHW and
+    vectorised in channels_last (on 2x64x64x64: 2.2 against 0.13 ms, 1.3 against 0.32 ms), and
+    oneDNN's convolutions take channels_last as they are. Converting the levels once at entry
+    and the outputs back at exit makes EfficientDet-D0's BiFPN about 1.5x faster in training and
+    inference; the caller still gets the memory format it gave. Levels already in channels_last,
+    CUDA tensors and compiled code (where Inductor picks layouts itself) are left as they are.
     """
-    if torch.compiler.is_compiling():  # checked first: the shape tests below would add guards
+    if torch.compiler.is_compiling():  # checked first: the tests below would add guards
         return False
-    return (
-        x.device.type == "cpu"
-        and x.is_contiguous()
-        and not (torch.is_grad_enabled() and x.requires_grad)
-    )
+    return all(x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() for x in levels)
 
 
-def _max_pool_3x3_s2(x: Tensor) -> Tensor:
-    """``max_pool2d(x, 3, stride=2, padding=1)`` as maxima of strided views (same values)."""
-    h, w = (x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2
-    x = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
-    x = torch.maximum(torch.maximum(x[..., 0 : 2 * h : 2, :], x[..., 1 : 2 * h + 1 : 2, :]),
-                      x[..., 2 : 2 * h + 2 : 2, :])
-    return torch.maximum(torch.maximum(x[..., 0 : 2 * w : 2], x[..., 1 : 2 * w + 1 : 2]),
-                         x[..., 2 : 2 * w + 2 : 2])
+def _to_channels_last(levels: Sequence[Tensor]) -> list[Tensor]:
+    return [x.contiguous(memory_format=torch.channels_last) for x in levels]
+
+
+def _to_nchw(levels: Sequence[Tensor]) -> list[Tensor]:
+    return [x.contiguous() for x in levels]
 
 
 def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
-    if x.shape[-2:] == like.shape[-2:]:
-        return x
-    n, c, h, w = x.shape
-    if _cpu_inference(x) and like.shape[-2:] == (2 * h, 2 * w):
-        # Nearest 2x as a broadcast copy: each pixel repeated over a 2x2 block.
-        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
-    return resize_to(x, like)
+    return x if x.shape[-2:] == like.shape[-2:] else resize_to(x, like)
 
 
 def _downsample_to(x: Tensor, like: Tensor) -> Tensor:
@@ -87,10 +78,7 @@ def _downsample_to(x: Tensor, like: Tensor) -> Tensor:
     # snapped to the target by nearest interpolation, so that any pyramid lines up.
     if x.shape[-2:] == like.shape[-2:]:
         return x
-    if _cpu_inference(x):
-        x = _max_pool_3x3_s2(x)
-    else:
-        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     return _upsample_to(x, like)
 
 
@@ -251,6 +239,9 @@ class BiFPNLayer(nn.Module):
         keys, x = check_levels(
             features, [self.channels] * self.num_levels, name=type(self).__name__
         )
+        nchw = _cpu_nchw(x)
+        if nchw:
+            x = _to_channels_last(x)
         last = self.num_levels - 1
         td = list(x)
         for i in reversed(range(last)):
@@ -260,6 +251,8 @@ class BiFPNLayer(nn.Module):
             below = _downsample_to(out[i - 1], x[i])
             inputs = [x[i], td[i], below] if i < last else [x[i], below]
             out.append(self.bottom_up[i - 1](inputs))
+        if nchw:
+            out = _to_nchw(out)
         return out if keys is None else dict(zip(keys, out, strict=True))
 
     def extra_repr(self) -> str:
@@ -395,6 +388,9 @@ class BiFPN(nn.Module):
             keys = pyramid_output_keys(
                 keys + _new_level_keys(keys, len(self.extra)), self.extra_level, name=name
             )
+        nchw = _cpu_nchw(x)
+        if nchw:
+            x = _to_channels_last(x)
         out = [project(level) for project, level in zip(self.projections, x, strict=True)]
         coarser = x[-1]
         for make_level in self.extra:
@@ -404,6 +400,8 @@ class BiFPN(nn.Module):
             out = layer(out)
         if self.extra_level:
             out.append(F.max_pool2d(out[-1], kernel_size=1, stride=2))
+        if nchw:
+            out = _to_nchw(out)
         return out if keys is None else dict(zip(keys, out, strict=True))
 
     def extra_repr(self) -> str:
