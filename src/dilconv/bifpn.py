@@ -307,7 +307,10 @@ class BiFPN(nn.Module):
         input: L maps (N, in_channels[i], H_i, W_i), as a sequence fine to coarse or a mapping
         name -> map -> output: the same kind of container with L maps (N, C, H_i, W_i), then
         ``num_levels - L`` maps each (N, C, ceil(H / 2), ceil(W / 2)) of the one before, (plus
-        one more (N, C, ceil(H / 2), ceil(W / 2)) of the coarsest with ``extra_level``)
+        one more (N, C, ceil(H / 2), ceil(W / 2)) of the coarsest with ``extra_level``).
+        Outputs have the inputs' memory format. On the CPU, NCHW levels run in channels_last
+        inside (converted once at entry and back at exit), where the CPU's max-pool and
+        up-sampling kernels are vectorised.
 
     Example:
         >>> import torch
