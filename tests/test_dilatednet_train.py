@@ -24,7 +24,9 @@ from examples.dilatednet import demo, train
 from examples.dilatednet.data import (
     CANVAS_CLASSES,
     IGNORE_INDEX,
+    RECTANGLE_CLASSES,
     build_segmentation_datasets,
+    rectangles,
     write_segmentation_folder,
 )
 from examples.dilatednet.models import DilatedNet
@@ -34,7 +36,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from run_helpers import REPO, subprocess_env
 
-CLASSES = ["background", "red", "green"]
+CLASSES = RECTANGLE_CLASSES
 SIZE = 48
 WIDTH, FC = 4, 32
 
@@ -42,28 +44,11 @@ WIDTH, FC = 4, 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _rectangles(count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """Dark noisy images with one red (class 1) and one green (class 2) rectangle, 14-24 px."""
-    generator = torch.Generator().manual_seed(seed)
-    colours = {1: torch.tensor([0.9, 0.2, 0.2]), 2: torch.tensor([0.2, 0.9, 0.2])}
-    items = []
-    for _ in range(count):
-        image = 0.15 * torch.rand(3, SIZE, SIZE, generator=generator)
-        mask = torch.zeros(SIZE, SIZE, dtype=torch.int64)
-        for label, colour in colours.items():
-            h, w = torch.randint(14, 25, (2,), generator=generator).tolist()
-            y, x = torch.randint(0, SIZE - 24, (2,), generator=generator).tolist()
-            image[:, y:y + h, x:x + w] = colour[:, None, None]
-            mask[y:y + h, x:x + w] = label
-        items.append((image, mask))
-    return items
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
-    write_segmentation_folder(_rectangles(64, 1), root / "train", CLASSES)
-    write_segmentation_folder(_rectangles(16, 2), root / "val", CLASSES)
+    write_segmentation_folder(rectangles(64, SIZE, seed=1), root / "train", CLASSES)
+    write_segmentation_folder(rectangles(16, SIZE, seed=2), root / "val", CLASSES)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     return root
 

@@ -23,34 +23,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 from examples.dilatednet import train
-from examples.dilatednet.data import build_segmentation_datasets, write_segmentation_folder
+from examples.dilatednet.data import (
+    RECTANGLE_CLASSES,
+    build_segmentation_datasets,
+    rectangles,
+    write_segmentation_folder,
+)
 from examples.dilatednet.demo import draw_predictions
 from examples.dilatednet.models import DilatedNet
 
-CLASSES = ["background", "red", "green"]
+CLASSES = RECTANGLE_CLASSES
 SIZE = 48
 
-
-def rectangles(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Dark noisy images with a red (class 1) and a green (class 2) rectangle, 14-24 px."""
-    generator = torch.Generator().manual_seed(seed)
-    colours = {1: torch.tensor([0.9, 0.2, 0.2]), 2: torch.tensor([0.2, 0.9, 0.2])}
-    items = []
-    for _ in range(count):
-        image = 0.15 * torch.rand(3, SIZE, SIZE, generator=generator)
-        mask = torch.zeros(SIZE, SIZE, dtype=torch.int64)
-        for label, colour in colours.items():
-            h, w = torch.randint(14, 25, (2,), generator=generator).tolist()
-            y, x = torch.randint(0, SIZE - 24, (2,), generator=generator).tolist()
-            image[:, y:y + h, x:x + w] = colour[:, None, None]
-            mask[y:y + h, x:x + w] = label
-        items.append((image, mask))
-    return items
-
-
 root = Path(tempfile.mkdtemp(prefix="dilconv-gallery-"))
-write_segmentation_folder(rectangles(64, seed=1), root / "data" / "train", CLASSES)
-write_segmentation_folder(rectangles(16, seed=2), root / "data" / "val", CLASSES)
+write_segmentation_folder(rectangles(64, SIZE, seed=1), root / "data" / "train", CLASSES)
+write_segmentation_folder(rectangles(16, SIZE, seed=2), root / "data" / "val", CLASSES)
 (root / "data" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
 print(sorted(str(p.relative_to(root / "data")) for p in (root / "data").glob("**/*")
              if not p.name.startswith("0000")))
