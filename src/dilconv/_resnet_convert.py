@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, TypedDict, TypeVar
 
 import torch
 from torch import nn
@@ -72,13 +72,21 @@ def check_source(model: nn.Module) -> None:
         )
 
 
-def _conv(model: nn.Module, name: str) -> nn.Conv2d:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _submodule(model: nn.Module, name: str, kind: type[_M]) -> _M:
+    """``model``'s submodule ``name``, refused with its name unless it is a ``kind``."""
     module = model.get_submodule(name)
-    if not isinstance(module, nn.Conv2d):
+    if not isinstance(module, kind):
         raise TypeError(
-            f"from_torchvision reads {name} as an nn.Conv2d, got {type(module).__name__}"
+            f"from_torchvision reads {name} as an nn.{kind.__name__}, got {type(module).__name__}"
         )
     return module
+
+
+def _conv(model: nn.Module, name: str) -> nn.Conv2d:
+    return _submodule(model, name, nn.Conv2d)
 
 
 def _norm_layer(norm: nn.Module) -> NormLayer:
@@ -100,21 +108,12 @@ def _norm_layer(norm: nn.Module) -> NormLayer:
     )
 
 
-def _stage(model: nn.Module, name: str) -> nn.Sequential:
-    module = model.get_submodule(name)
-    if not isinstance(module, nn.Sequential):
-        raise TypeError(
-            f"from_torchvision reads {name} as an nn.Sequential, got {type(module).__name__}"
-        )
-    return module
-
-
 def torchvision_layout(model: nn.Module) -> TorchvisionLayout:
     """The DilatedResNet arguments that rebuild ``model``'s trunk as it is."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     names = [f"layer{i}" for i in range(1, 5)]
-    stages = [_stage(model, name) for name in names]
+    stages = [_submodule(model, name, nn.Sequential) for name in names]
     kind = type(stages[0][0])
     if kind not in (BasicBlock, Bottleneck):
         raise TypeError(
