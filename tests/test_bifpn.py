@@ -337,10 +337,18 @@ def _bifpn_and_layer():
     feats = [torch.randn(2, c, s, s + 1) for c, s in ((8, 16), (16, 8), (32, 4))]
     layer = BiFPNLayer(8, num_levels=3)
     levels = [torch.randn(2, 8, s, s) for s in (9, 5, 3)]
-    return [(neck, feats), (layer, levels)]
+    named = BiFPN({"c3": 8, "c4": 16, "c5": 32}, 8, num_layers=1, extra_level=True)
+    return [(neck, feats), (layer, levels), (named, feats)]
 
 
-@pytest.mark.parametrize("case", [0, 1], ids=["BiFPN", "BiFPNLayer"])
+def _call(module, levels):
+    """``module`` on ``levels`` as a list, or as a mapping for the neck built with names."""
+    if getattr(module, "in_keys", None) is None:
+        return list(module(levels))
+    return list(module(dict(zip(module.in_keys, levels, strict=True))).values())
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["BiFPN", "BiFPNLayer", "BiFPN-mapping-extra"])
 def test_cpu_nchw_runs_channels_last_inside_and_gives_nchw_back(case, monkeypatch):
     # On the CPU the pyramid converts NCHW levels to channels_last once (its pool, up-sampling
     # and convs are faster there) and its outputs back: same values and gradients as running
@@ -354,7 +362,7 @@ def test_cpu_nchw_runs_channels_last_inside_and_gives_nchw_back(case, monkeypatc
             lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
         )
     inputs = [x.clone().requires_grad_() for x in levels]
-    out = module(inputs)
+    out = _call(module, inputs)
     assert seen and all(seen)
     assert all(o.is_contiguous() for o in out)
     sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in out).backward()
@@ -362,7 +370,7 @@ def test_cpu_nchw_runs_channels_last_inside_and_gives_nchw_back(case, monkeypatc
     monkeypatch.setattr(dilconv.bifpn, "_cpu_nchw", lambda levels: False)
     seen.clear()
     reference_inputs = [x.clone().requires_grad_() for x in levels]
-    reference = module(reference_inputs)
+    reference = _call(module, reference_inputs)
     assert not any(seen)
     sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in reference).backward()
     for got, expected in zip(out, reference, strict=True):
