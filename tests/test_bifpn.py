@@ -126,10 +126,11 @@ def test_node_layout_and_parameter_count(num_levels):
     assert sum(p.numel() for p in layer.parameters()) == expected
 
 
-def test_state_dict_keys():
-    keys = set(BiFPN([5, 4, 7], 4, num_layers=2).state_dict())
+def test_state_dict_keys_shared():
+    keys = set(BiFPN([5, 4, 7], 4, num_layers=2, projection="shared").state_dict())
     for key in [
         "projections.0.0.weight",
+        "projections.0.0.bias",
         "projections.0.1.running_mean",
         "projections.2.0.weight",
         "layers.1.top_down.1.fusion.weight",
@@ -140,7 +141,35 @@ def test_state_dict_keys():
     ]:
         assert key in keys
     assert not any(key.startswith("projections.1.") for key in keys)
+    assert not any(".project." in key for key in keys)
     assert "layers.0.top_down.0.depthwise.bias" not in keys
+
+
+def test_state_dict_keys_per_node():
+    # Levels 0 (5 ch) and 2 (7 ch) differ from 4: every node of layer 0 reading them projects
+    # them itself; level 1 (4 ch) passes. top_down.1 reads x[1] and x[2] (raw, the coarsest),
+    # top_down.0 reads x[0]; bottom_up.0 reads x[1], bottom_up.1 reads x[2].
+    keys = set(BiFPN([5, 4, 7], 4, num_layers=2).state_dict())
+    assert not any(key.startswith("projections.") for key in keys)
+    projected = {key.split(".project.")[0] + ".project." + key.split(".project.")[1][0]
+                 for key in keys if ".project." in key and key.endswith("0.weight")}
+    assert projected == {
+        "layers.0.top_down.0.project.0", "layers.0.top_down.1.project.1",
+        "layers.0.bottom_up.1.project.0",
+    }
+    assert "layers.0.top_down.0.project.0.1.running_var" in keys
+    assert "layers.0.top_down.0.project.0.0.bias" in keys
+    assert not any(key.startswith("layers.1.") and ".project." in key for key in keys)
+
+
+def test_redundant_bias_false_drops_every_bias_before_a_norm():
+    neck = BiFPN([5, 4, 7], 4, num_layers=2, num_levels=4, redundant_bias=False)
+    biased = [name for name, m in neck.named_modules()
+              if isinstance(m, nn.Conv2d) and m.bias is not None]
+    assert biased == []
+    no_norm = BiFPN([5, 4, 7], 4, num_layers=1, norm_layer=None, redundant_bias=False)
+    assert all(m.bias is not None for m in no_norm.modules()
+               if isinstance(m, nn.Conv2d) and m.groups == 1)
 
 
 @pytest.mark.parametrize(
@@ -148,12 +177,30 @@ def test_state_dict_keys():
     [([4, 4, 4], 4), ([3, 4, 5], 4), ([3, 5, 6, 7], 4), ([8, 8], 4)],
 )
 def test_projections_only_where_channels_differ(in_channels, channels):
-    neck = BiFPN(in_channels, channels, num_layers=1)
+    neck = BiFPN(in_channels, channels, num_layers=1, projection="shared")
     projected = [not isinstance(p, nn.Identity) for p in neck.projections]
     assert projected == [c != channels for c in in_channels]
     convs = [m for m in neck.projections.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == sum(c != channels for c in in_channels)
     assert len(neck.layers) == 1 and neck.out_channels == channels
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "channels"),
+    [([4, 4, 4], 4), ([3, 4, 5], 4), ([3, 5, 6, 7], 4), ([8, 8], 4)],
+)
+def test_per_node_projects_each_read_of_a_level(in_channels, channels):
+    # Each node of layer 0 projects each raw input of other channels: level i < L-1 is read
+    # by top_down[i] and bottom_up[i-1] (i > 0), the coarsest by top_down[L-2] and the last
+    # bottom-up node; so a level is projected once (the finest) or twice.
+    neck = BiFPN(in_channels, channels, num_layers=1)
+    levels = len(in_channels)
+    reads = [1] + [2] * (levels - 1)
+    expected = sum(r for r, c in zip(reads, in_channels) if c != channels)
+    convs = [m for m in neck.layers[0].modules() if isinstance(m, nn.Conv2d) and m.groups == 1
+             and m.kernel_size == (1, 1) and m.in_channels != channels]
+    assert len(convs) == expected
+    assert all(isinstance(p, nn.Identity) for p in neck.projections)
 
 
 @pytest.mark.parametrize("height", [7, 8, 11])
@@ -290,7 +337,10 @@ def test_p3_p7_keys_and_state_dict():
     keys = set(neck.state_dict())
     assert {"extra.0.conv.weight", "extra.0.norm.running_mean"} <= keys
     assert not any(k.startswith("extra.1.") for k in keys)
-    assert "extra.0.conv.bias" not in keys  # the norm's shift replaces it
+    assert "extra.0.conv.bias" in keys  # EfficientDet's redundant bias, by default
+    lean = BiFPN({"c3": 40, "c4": 112, "c5": 320}, 64, num_layers=1, num_levels=5,
+                 redundant_bias=False)
+    assert "extra.0.conv.bias" not in set(lean.state_dict())  # the norm's shift replaces it
     plain = BiFPN([4, 4], 4, num_layers=1, num_levels=3)
     out = plain({"a": torch.randn(1, 4, 8, 8), "b": torch.randn(1, 4, 4, 4)})
     assert list(out) == ["a", "b", "level2"]

@@ -29,19 +29,33 @@ from dilconv._layers import (
     DType,
     FactoryKwargs,
     NormLayer,
-    conv_bias,
     create_act,
     create_norm,
 )
 from dilconv.fusion import FUSION_MODES, WeightedFusion
 from dilconv.upsample import resize_to
 
-__all__ = ["BiFPN", "BiFPNLayer", "NODE_ORDERS"]
+__all__ = ["BiFPN", "BiFPNLayer", "DOWNSAMPLE_PADDINGS", "NODE_ORDERS", "PROJECTIONS"]
 
 NODE_ORDERS = ("conv_norm_act", "act_conv_norm")
 """Order of the operations after each fusion: the paper's text (sec. 3.3: separable conv,
 batch norm, activation) or the official implementation's, which effdet ports (activation,
 separable conv, batch norm)."""
+
+PROJECTIONS = ("per_node", "shared")
+"""Where the first layer's inputs are brought to ``channels``: ``"per_node"``, EfficientDet's
+graph (the official code and effdet), gives every fusion node of the first layer its own 1x1
+convolution + norm for each input whose channels differ, so a backbone level read by two nodes
+is projected twice; ``"shared"`` projects each level once before the first layer (cheaper: at
+EfficientDet-D0's size 168 k against 194 k parameters, and fewer FLOPs; not EfficientDet's
+network)."""
+
+DOWNSAMPLE_PADDINGS = ("symmetric", "same")
+"""Padding of the 3x3 stride-2 max-pools: ``"symmetric"`` pads one pixel on every side (effdet's
+``efficientdet_*`` models); ``"same"`` is TensorFlow's "SAME" padding of the official models
+(effdet's ``tf_efficientdet_*``): the total padding ``max((ceil(H/2) - 1) * 2 + 3 - H, 0)`` is
+split with the odd pixel at the right/bottom, so an even-sized map is padded on the right and
+bottom only. Both give ``ceil(H / 2)``."""
 
 Features = Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -73,22 +87,58 @@ def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
     return x if x.shape[-2:] == like.shape[-2:] else resize_to(x, like)
 
 
-def _downsample_to(x: Tensor, like: Tensor) -> Tensor:
+def _max_pool_down(x: Tensor, padding: str) -> Tensor:
+    """3x3 stride-2 max-pool to ``ceil(H / 2) x ceil(W / 2)`` with ``padding`` (see
+    :data:`DOWNSAMPLE_PADDINGS`)."""
+    if padding == "symmetric":
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    pad_h = max((-(-x.shape[-2] // 2) - 1) * 2 + 3 - x.shape[-2], 0)
+    pad_w = max((-(-x.shape[-1] // 2) - 1) * 2 + 3 - x.shape[-1], 0)
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
+              value=float("-inf"))
+    return F.max_pool2d(x, kernel_size=3, stride=2)
+
+
+def _downsample_to(x: Tensor, like: Tensor, padding: str) -> Tensor:
     # A stride-2 max-pool gives ceil(H / 2); other size ratios (equal, odd, uneven) are then
     # snapped to the target by nearest interpolation, so that any pyramid lines up.
     if x.shape[-2:] == like.shape[-2:]:
         return x
-    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-    return _upsample_to(x, like)
+    return _upsample_to(_max_pool_down(x, padding), like)
+
+
+def _projection_conv(
+    in_channels: int, channels: int, bias: bool, norm_layer: NormLayer | None, dd: FactoryKwargs
+) -> nn.Conv2d:
+    """The 1x1 conv of a projection; a bias in front of a norm (EfficientDet's "redundant" bias)
+    starts at zero, so that it changes nothing until trained."""
+    conv = nn.Conv2d(in_channels, channels, 1, bias=bias or norm_layer is None, **dd)
+    if conv.bias is not None and norm_layer is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _projection(
+    in_channels: int, channels: int, bias: bool, norm_layer: NormLayer | None, dd: FactoryKwargs
+) -> nn.Module:
+    """1x1 conv + norm from ``in_channels`` to ``channels`` (``0`` and ``1`` in the state_dict),
+    or ``nn.Identity`` where they are equal."""
+    if in_channels == channels:
+        return nn.Identity()
+    return nn.Sequential(
+        _projection_conv(in_channels, channels, bias, norm_layer, dd),
+        create_norm(norm_layer, channels, **dd),
+    )
 
 
 class _FusionNode(nn.Module):
-    """One BiFPN node: weighted fusion -> depthwise 3x3 -> pointwise 1x1 -> norm -> act, or
-    fusion -> act -> depthwise -> pointwise -> norm (``order="act_conv_norm"``)."""
+    """One BiFPN node: [per-input projection] -> weighted fusion -> depthwise 3x3 -> pointwise
+    1x1 -> norm -> act, or with ``order="act_conv_norm"`` fusion -> act -> depthwise ->
+    pointwise -> norm. ``project`` exists only where some input has other channels."""
 
     def __init__(
         self,
-        num_inputs: int,
+        in_channels: Sequence[int],
         channels: int,
         *,
         eps: float,
@@ -96,17 +146,29 @@ class _FusionNode(nn.Module):
         act_layer: ActLayer | None,
         norm_layer: NormLayer | None,
         order: str,
+        redundant_bias: bool,
         dd: FactoryKwargs,
     ) -> None:
         super().__init__()
         self.act_first = order == "act_conv_norm"
-        self.fusion = WeightedFusion(num_inputs, eps=eps, mode=fusion, **dd)
+        self.project: nn.ModuleList | None = None
+        if any(c != channels for c in in_channels):
+            self.project = nn.ModuleList(
+                _projection(c, channels, redundant_bias, norm_layer, dd) for c in in_channels
+            )
+        self.fusion = WeightedFusion(len(in_channels), eps=eps, mode=fusion, **dd)
         self.depthwise = nn.Conv2d(
             channels, channels, 3, padding=1, groups=channels, bias=False, **dd
         )
-        self.pointwise = nn.Conv2d(channels, channels, 1, **dd)
+        self.pointwise = nn.Conv2d(
+            channels, channels, 1, bias=redundant_bias or norm_layer is None, **dd
+        )
         self.norm = create_norm(norm_layer, channels, **dd)
         self.act = create_act(act_layer)
+
+    def prepare(self, index: int, x: Tensor) -> Tensor:
+        """Input ``index`` at ``channels`` (projected where the node has a projection for it)."""
+        return x if self.project is None else self.project[index](x)
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         x = self.fusion(inputs)
@@ -117,23 +179,31 @@ class _FusionNode(nn.Module):
 
 class _ExtraLevel(nn.Module):
     """A coarser level made EfficientDet's way: 1x1 conv + norm where the channels differ, then
-    a 3x3 stride-2 max-pool (``ceil(H / 2)``, the official code's "same" padding)."""
+    a 3x3 stride-2 max-pool to ``ceil(H / 2)``, padded symmetrically or with TensorFlow's
+    "SAME" padding of the official code (``padding``, see :data:`DOWNSAMPLE_PADDINGS`)."""
 
     def __init__(
-        self, in_channels: int, channels: int, norm_layer: NormLayer | None, dd: FactoryKwargs
+        self,
+        in_channels: int,
+        channels: int,
+        norm_layer: NormLayer | None,
+        *,
+        padding: str,
+        redundant_bias: bool,
+        dd: FactoryKwargs,
     ) -> None:
         super().__init__()
+        self.padding = padding
         self.conv: nn.Module | None = None
         self.norm: nn.Module | None = None
         if in_channels != channels:
-            self.conv = nn.Conv2d(in_channels, channels, 1, bias=conv_bias(norm_layer), **dd)
+            self.conv = _projection_conv(in_channels, channels, redundant_bias, norm_layer, dd)
             self.norm = create_norm(norm_layer, channels, **dd)
-        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv is not None and self.norm is not None:
             x = self.norm(self.conv(x))
-        return self.pool(x)
+        return _max_pool_down(x, self.padding)
 
 
 def _new_level_keys(keys: list[str], count: int) -> list[str]:
@@ -170,7 +240,14 @@ class BiFPNLayer(nn.Module):
       last one);
     - each node holds ``fusion.weight`` (a :class:`~dilconv.WeightedFusion`),
       ``depthwise.weight`` (3x3, ``groups=channels``, no bias), ``pointwise.weight`` and
-      ``pointwise.bias`` (1x1), ``norm.*`` (``norm_layer``) and ``act``.
+      ``pointwise.bias`` (1x1; the bias only with ``redundant_bias`` or without a norm),
+      ``norm.*`` (``norm_layer``) and ``act``;
+    - where ``in_channels`` gives a level other channels (EfficientDet's first layer), each
+      node reading that level has ``project.{j}`` for its inputs j: ``nn.Identity`` or an
+      ``nn.Sequential`` of a 1x1 conv (``project.{j}.0.weight``, ``.0.bias`` with
+      ``redundant_bias``) and ``norm_layer`` (``project.{j}.1.*``), applied before any
+      resampling. A level read by two nodes is projected by each (in EfficientDet-D0: C4 and
+      C5 twice, C3 once).
 
     Args:
         channels: C, channels of every level, in and out.
@@ -185,10 +262,18 @@ class BiFPNLayer(nn.Module):
             norm, activation, as the paper's sec. 3.3 describes. ``"act_conv_norm"``:
             activation, separable conv, norm, as the official implementation and effdet's
             ``BiFpn`` compute it. Same parameters and state_dict keys either way.
+        in_channels: channels of each input level (default: C for every level). Levels with
+            other channels are projected to C inside each node that reads them, as in the
+            first layer of EfficientDet's BiFPN.
+        redundant_bias: give every 1x1 convolution that a norm follows a bias too, as the
+            official EfficientDet weights have (effdet's ``redundant_bias``); without a norm
+            the convolutions always have one.
+        downsample_padding: padding of the stride-2 max-pools, ``"symmetric"`` or
+            TensorFlow's ``"same"`` (see :data:`DOWNSAMPLE_PADDINGS`).
 
     Shape:
-        input: L maps (N, C, H_i, W_i), as a sequence fine to coarse or a mapping name -> map
-        -> output: the same kind of container, same keys, same shapes
+        input: L maps (N, in_channels[i], H_i, W_i), as a sequence fine to coarse or a mapping
+        name -> map -> output: the same kind of container, same keys, maps (N, C, H_i, W_i)
 
     Example:
         >>> import torch
@@ -211,6 +296,9 @@ class BiFPNLayer(nn.Module):
         act_layer: ActLayer | None = nn.SiLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         node_order: str = "conv_norm_act",
+        in_channels: Sequence[int] | None = None,
+        redundant_bias: bool = True,
+        downsample_padding: str = "symmetric",
         device: Device = None,
         dtype: DType = None,
     ) -> None:
@@ -219,73 +307,109 @@ class BiFPNLayer(nn.Module):
         check_positive("num_levels", num_levels, minimum=2)
         check_choice("fusion", fusion, FUSION_MODES)
         check_choice("node_order", node_order, NODE_ORDERS)
+        check_choice("downsample_padding", downsample_padding, DOWNSAMPLE_PADDINGS)
+        if in_channels is None:
+            in_channels = [channels] * num_levels
+        in_channels = [check_positive("in_channels", c) for c in in_channels]
+        if len(in_channels) != num_levels:
+            raise ValueError(
+                f"in_channels must give one channel count per level ({num_levels}), "
+                f"got {len(in_channels)}: {in_channels}"
+            )
         dd: FactoryKwargs = {"device": device, "dtype": dtype}
-        node_kwargs: dict[str, Any] = {"eps": eps, "fusion": fusion, "act_layer": act_layer,
-                       "norm_layer": norm_layer, "order": node_order, "dd": dd}
+        node_kwargs: dict[str, Any] = {
+            "eps": eps, "fusion": fusion, "act_layer": act_layer, "norm_layer": norm_layer,
+            "order": node_order, "redundant_bias": redundant_bias, "dd": dd,
+        }
         self.node_order = node_order
         self.channels = channels
+        self.in_channels = in_channels
         self.out_channels = channels
         self.num_levels = num_levels
         self.fusion = fusion
+        self.downsample_padding = downsample_padding
+        last = num_levels - 1
         self.top_down = nn.ModuleList(
-            _FusionNode(2, channels, **node_kwargs) for _ in range(num_levels - 1)
+            _FusionNode([in_channels[i], in_channels[i + 1] if i + 1 == last else channels],
+                        channels, **node_kwargs)
+            for i in range(last)
         )
         self.bottom_up = nn.ModuleList(
-            _FusionNode(3 if level < num_levels - 1 else 2, channels, **node_kwargs)
-            for level in range(1, num_levels)
+            _FusionNode([in_channels[i], channels, channels] if i < last
+                        else [in_channels[i], channels], channels, **node_kwargs)
+            for i in range(1, num_levels)
         )
 
     def forward(self, features: Features) -> list[Tensor] | dict[str, Tensor]:
-        keys, x = check_levels(
-            features, [self.channels] * self.num_levels, name=type(self).__name__
-        )
+        keys, x = check_levels(features, self.in_channels, name=type(self).__name__)
         nchw = _cpu_nchw(x)
         if nchw:
             x = _to_channels_last(x)
-        last = self.num_levels - 1
-        td = list(x)
-        for i in reversed(range(last)):
-            td[i] = self.top_down[i]([x[i], _upsample_to(td[i + 1], x[i])])
-        out = [td[0]]
-        for i in range(1, last + 1):
-            below = _downsample_to(out[i - 1], x[i])
-            inputs = [x[i], td[i], below] if i < last else [x[i], below]
-            out.append(self.bottom_up[i - 1](inputs))
+        out = self._fuse(x)
         if nchw:
             out = _to_nchw(out)
         return out if keys is None else dict(zip(keys, out, strict=True))
 
+    def _fuse(self, x: Sequence[Tensor]) -> list[Tensor]:
+        last = self.num_levels - 1
+        td = list(x)
+        for i in reversed(range(last)):
+            node = self.top_down[i]
+            above = _upsample_to(node.prepare(1, td[i + 1]), x[i])
+            td[i] = node([node.prepare(0, x[i]), above])
+        out = [td[0]]
+        for i in range(1, last + 1):
+            node = self.bottom_up[i - 1]
+            below = _downsample_to(out[i - 1], x[i], self.downsample_padding)
+            inputs = [x[i], td[i], below] if i < last else [x[i], below]
+            out.append(node([node.prepare(0, inputs[0]), *inputs[1:]]))
+        return out
+
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, num_levels={self.num_levels}, fusion={self.fusion!r}, "
-            f"node_order={self.node_order!r}"
+            f"node_order={self.node_order!r}, in_channels={self.in_channels}"
         )
 
 
 class BiFPN(nn.Module):
-    """EfficientDet's BiFPN neck: input projections, new coarser levels, repeated BiFPN layers.
+    """EfficientDet's BiFPN neck: new coarser levels, then repeated BiFPN layers whose first
+    layer brings every input level to ``channels``.
 
-    Every level whose channel count differs from ``channels`` first goes through a 1x1
-    convolution (no bias unless ``norm_layer`` is ``None``: the norm's shift replaces it) and
-    ``norm_layer``; the others pass
-    unchanged. With ``num_levels`` above the number of inputs, the missing coarser levels are
-    made as EfficientDet makes P6 and P7 from C5 (fig. 3): from the coarsest *input*, a 1x1
-    convolution + ``norm_layer`` where its channels differ from ``channels``, then a 3x3
-    stride-2 max-pool; each further level max-pools the one before. They take part in every
-    layer, so ``BiFPN([40, 112, 320], 64, num_levels=5)`` turns C3-C5 into P3-P7.
-    ``num_layers`` :class:`BiFPNLayer` follow. With ``extra_level=True`` one coarser
-    level, ``max_pool2d(coarsest output, kernel_size=1, stride=2)``, is appended after the last
-    layer, as torchvision's ``LastLevelMaxPool`` does (keyed ``"pool"`` for mappings).
+    With ``num_levels`` above the number of inputs, the missing coarser levels are made as
+    EfficientDet makes P6 and P7 from C5 (fig. 3): from the coarsest *input*, a 1x1 convolution
+    + ``norm_layer`` where its channels differ from ``channels``, then a 3x3 stride-2 max-pool;
+    each further level max-pools the one before. They take part in every layer, so
+    ``BiFPN([40, 112, 320], 64, num_levels=5)`` turns C3-C5 into P3-P7. ``num_layers``
+    :class:`BiFPNLayer` follow. How input levels whose channels differ from ``channels`` reach
+    it is ``projection``:
+
+    - ``"per_node"`` (default): EfficientDet's network, as the official code and effdet build
+      it. Every node of the first layer has its own 1x1 convolution + ``norm_layer`` for each
+      such input, so a level that two nodes read is projected twice (C4 and C5 in
+      EfficientDet-D0). This is the default because it is the network the paper's results,
+      its checkpoints and :meth:`from_effdet` have.
+    - ``"shared"``: each level is projected once before the first layer (``projections.{i}``)
+      and every node reads the projected map. Cheaper (EfficientDet-D0's BiFPN: 168 k against
+      194 k parameters, 0.49 against 0.55 GFLOPs at 512 x 512), but not EfficientDet's network;
+      dilconv 0.1's only form.
+
+    With ``extra_level=True`` one coarser level, ``max_pool2d(coarsest output, kernel_size=1,
+    stride=2)``, is appended after the last layer, as torchvision's ``LastLevelMaxPool`` does
+    (keyed ``"pool"`` for mappings).
 
     Submodules (their names are the state_dict keys, and are kept stable):
 
-    - ``projections.{i}`` for each input level i: ``nn.Identity`` (no parameters) or an
-      ``nn.Sequential`` of ``0`` (the 1x1 conv, ``projections.{i}.0.weight``) and ``1``
+    - ``projections.{i}`` for each input level i: ``nn.Identity`` (no parameters, always so
+      with ``"per_node"``) or, with ``"shared"``, an ``nn.Sequential`` of ``0`` (the 1x1 conv,
+      ``projections.{i}.0.weight``, ``.0.bias`` with ``redundant_bias``) and ``1``
       (``norm_layer``, ``projections.{i}.1.*``);
     - ``extra.{j}`` for each new level j (``num_levels`` - inputs of them): ``conv.weight``
-      and ``norm.*`` where it changes the channels (only ``extra.0`` can), and a ``pool``
-      without parameters;
-    - ``layers.{k}`` for k = 0 .. num_layers-1: a :class:`BiFPNLayer` (see its keys).
+      (``conv.bias`` with ``redundant_bias``) and ``norm.*`` where it changes the channels
+      (only ``extra.0`` can), and a max-pool without parameters;
+    - ``layers.{k}`` for k = 0 .. num_layers-1: a :class:`BiFPNLayer` (see its keys; with
+      ``"per_node"`` the nodes of ``layers.0`` that read an input level of other channels have
+      ``project.{j}``).
 
     Output keys (mapping input): the input's keys, then one per new level, counting on the last
     key's trailing number (``"c5"`` -> ``"c6"``, ``"c7"``; ``"5"`` -> ``"6"``, ``"7"``) or
@@ -300,17 +424,28 @@ class BiFPN(nn.Module):
         num_levels: levels the layers fuse, at least the number of inputs (the default);
             EfficientDet uses 5 (P3-P7) from 3 backbone levels (C3-C5).
         extra_level: append one coarser, max-pooled level to the output.
+        projection: ``"per_node"`` (EfficientDet's) or ``"shared"``, see above.
         eps, fusion, act_layer, norm_layer, node_order: passed to every :class:`BiFPNLayer`
             (``norm_layer`` also follows each projection and new level's 1x1 convolution).
+            EfficientDet: ``fusion="fast"`` (``"sum"`` in D6-D7), ``act_layer=nn.SiLU``,
+            ``norm_layer=partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)``,
+            ``node_order="act_conv_norm"``.
+        redundant_bias: every 1x1 convolution followed by a norm has a bias too (projections,
+            new levels, the nodes' pointwise convolutions), as in the official EfficientDet
+            weights; new such biases start at zero. ``False`` drops them (effdet's
+            ``efficientdet_d*`` models).
+        downsample_padding: ``"symmetric"`` or TensorFlow's ``"same"`` padding of every
+            stride-2 max-pool (effdet's ``tf_efficientdet_d*``), see :data:`DOWNSAMPLE_PADDINGS`.
 
     Shape:
         input: L maps (N, in_channels[i], H_i, W_i), as a sequence fine to coarse or a mapping
         name -> map -> output: the same kind of container with L maps (N, C, H_i, W_i), then
         ``num_levels - L`` maps each (N, C, ceil(H / 2), ceil(W / 2)) of the one before, (plus
         one more (N, C, ceil(H / 2), ceil(W / 2)) of the coarsest with ``extra_level``).
-        Outputs have the inputs' memory format. On the CPU, NCHW levels run in channels_last
-        inside (converted once at entry and back at exit), where the CPU's max-pool and
-        up-sampling kernels are vectorised.
+        Any sizes that get no larger from level to level are accepted, not only those an
+        EfficientDet was built for. Outputs have the inputs' memory format. On the CPU, NCHW
+        levels run in channels_last inside (converted once at entry and back at exit), where
+        the CPU's max-pool and up-sampling kernels are vectorised.
 
     Example:
         >>> import torch
@@ -336,11 +471,14 @@ class BiFPN(nn.Module):
         *,
         num_levels: int | None = None,
         extra_level: bool = False,
+        projection: str = "per_node",
         eps: float = 1e-4,
         fusion: str = "fast",
         act_layer: ActLayer | None = nn.SiLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         node_order: str = "conv_norm_act",
+        redundant_bias: bool = True,
+        downsample_padding: str = "symmetric",
         device: Device = None,
         dtype: DType = None,
     ) -> None:
@@ -348,6 +486,8 @@ class BiFPN(nn.Module):
         self.in_keys, self.in_channels = pyramid_channels(in_channels, min_levels=2)
         check_positive("channels", channels)
         check_positive("num_layers", num_layers)
+        check_choice("projection", projection, PROJECTIONS)
+        check_choice("downsample_padding", downsample_padding, DOWNSAMPLE_PADDINGS)
         inputs = len(self.in_channels)
         if num_levels is None:
             num_levels = inputs
@@ -362,27 +502,41 @@ class BiFPN(nn.Module):
         self.num_layers = num_layers
         self.num_levels = num_levels
         self.extra_level = extra_level
+        self.projection = projection
         if self.in_keys is not None:  # refuse colliding keys now rather than at the first call
             new_keys = _new_level_keys(self.in_keys, num_levels - inputs)
             pyramid_output_keys(self.in_keys + new_keys, extra_level, name=type(self).__name__)
         self.extra = nn.ModuleList(
-            _ExtraLevel(self.in_channels[-1] if j == 0 else channels, channels, norm_layer, dd)
+            _ExtraLevel(
+                self.in_channels[-1] if j == 0 else channels, channels, norm_layer,
+                padding=downsample_padding, redundant_bias=redundant_bias, dd=dd,
+            )
             for j in range(num_levels - inputs)
         )
+        shared = projection == "shared"
         self.projections = nn.ModuleList(
-            nn.Identity() if c == channels else nn.Sequential(
-                nn.Conv2d(c, channels, 1, bias=conv_bias(norm_layer), **dd),
-                create_norm(norm_layer, channels, **dd),
-            )
+            _projection(c, channels, redundant_bias, norm_layer, dd) if shared else nn.Identity()
             for c in self.in_channels
         )
+        first_in = self.in_channels if not shared else [channels] * inputs
         self.layers = nn.ModuleList(
             BiFPNLayer(
                 channels, num_levels, eps=eps, fusion=fusion, act_layer=act_layer,
-                norm_layer=norm_layer, node_order=node_order, **dd,
+                norm_layer=norm_layer, node_order=node_order, redundant_bias=redundant_bias,
+                downsample_padding=downsample_padding,
+                in_channels=[*first_in, *[channels] * (num_levels - inputs)] if k == 0 else None,
+                **dd,
             )
-            for _ in range(num_layers)
+            for k in range(num_layers)
         )
+
+    @classmethod
+    def from_effdet(cls, fpn: nn.Module, *, device: Device = None, dtype: DType = None) -> BiFPN:
+        """Convert effdet's ``BiFpn`` (``effdet.create_model(...).fpn``) into a BiFPN with its
+        weights and the same outputs; see :func:`dilconv.convert.bifpn_from_effdet`."""
+        from dilconv.convert.effdet import bifpn_from_effdet
+
+        return bifpn_from_effdet(fpn, device=device, dtype=dtype)
 
     def forward(self, features: Features) -> list[Tensor] | dict[str, Tensor]:
         name = type(self).__name__
@@ -400,7 +554,7 @@ class BiFPN(nn.Module):
             coarser = make_level(coarser)
             out.append(coarser)
         for layer in self.layers:
-            out = layer(out)
+            out = layer._fuse(out)
         if self.extra_level:
             out.append(F.max_pool2d(out[-1], kernel_size=1, stride=2))
         if nchw:
@@ -411,5 +565,5 @@ class BiFPN(nn.Module):
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
             f"num_layers={self.num_layers}, num_levels={self.num_levels}, "
-            f"extra_level={self.extra_level}"
+            f"extra_level={self.extra_level}, projection={self.projection!r}"
         )
