@@ -142,24 +142,45 @@ def _fusion_vs_sum(count: int, quick: bool) -> Pair:
     return WeightedFusion(count), PlainSum(), _fusion_maps(quick, count)
 
 
-def _bifpn(quick: bool) -> Pair:
+def _effdet_bifpn(name: str, side: int) -> tuple[nn.Module, list[int]]:
+    """effdet's BiFpn of model ``name`` for P3 of ``side`` x ``side``, and its input channels
+    (those of the EfficientNet it sits on; the backbone itself is not built)."""
     from effdet.config import get_efficientdet_config
     from effdet.efficientdet import BiFpn
 
+    backbone_channels = {"efficientdet_d0": [40, 112, 320], "efficientdet_d3": [48, 136, 384]}
+    config = get_efficientdet_config(name)
+    config.image_size = (side * 8, side * 8)
+    channels = backbone_channels[name]
+    info = [{"num_chs": c, "reduction": 8 << i} for i, c in enumerate(channels)]
+    return BiFpn(config, info), channels
+
+
+def _bifpn(name: str, quick: bool) -> Pair:
+    """EfficientDet's BiFPN, converted from effdet's with :meth:`dilconv.BiFPN.from_effdet`: the
+    same network and weights on both sides. efficientdet_d*, not tf_efficientdet_d*: the TF
+    port's "same" max-pools pad with an extra op on both sides alike."""
     from dilconv import BiFPN
 
-    channels, batch, side = (40, 112, 320), 2, (8 if quick else 64)
-    # efficientdet_d0, not tf_efficientdet_d0: the TF port pads "same" with extra ops ours
-    # does not run. Levels 3-7, 64 channels, 3 repeats, swish, BN(eps=1e-3, momentum=0.01),
-    # activation before each separable conv (the official code's node order).
-    config = get_efficientdet_config("efficientdet_d0")
-    config.image_size = (side * 8, side * 8)
-    info = [{"num_chs": c, "reduction": 8 << i} for i, c in enumerate(channels)]
-    peer = BiFpn(config, info)
+    batch, side = 2, (8 if quick else 64)
+    peer, channels = _effdet_bifpn(name, side)
+    ours = BiFPN.from_effdet(peer)
+    feats = [torch.randn(batch, c, side >> i, side >> i) for i, c in enumerate(channels)]
+    return ours, peer, feats
+
+
+def _bifpn_shared(quick: bool) -> Pair:
+    """dilconv's cheaper variant (each level projected once, ``projection="shared"``) against
+    EfficientDet-D0's BiFPN: a different network, timed for what the saving is worth."""
+    from dilconv import BiFPN
+
+    batch, side = 2, (8 if quick else 64)
+    peer, channels = _effdet_bifpn("efficientdet_d0", side)
+    effdet_like = BiFPN.from_effdet(peer)
     ours = BiFPN(
-        list(channels), config.fpn_channels, num_layers=config.fpn_cell_repeats,
-        num_levels=config.num_levels, node_order="act_conv_norm",
-        norm_layer=partial(nn.BatchNorm2d, **config.norm_kwargs),
+        channels, effdet_like.out_channels, effdet_like.num_layers,
+        num_levels=effdet_like.num_levels, projection="shared", redundant_bias=False,
+        node_order="act_conv_norm", norm_layer=partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01),
     )
     feats = [torch.randn(batch, c, side >> i, side >> i) for i, c in enumerate(channels)]
     return ours, peer, feats
@@ -269,8 +290,12 @@ CASES: list[Case] = [
          ("effdet",), memory_bound=True),
     Case("WeightedFusion(2)", "plain sum", partial(_fusion_vs_sum, 2), memory_bound=True),
     Case("WeightedFusion(3)", "plain sum", partial(_fusion_vs_sum, 3), memory_bound=True),
-    Case("BiFPN D0 (P3-P7, 64ch, 3 layers)", "effdet BiFpn efficientdet_d0", _bifpn,
-         ("effdet",), conv_ratio=True),
+    Case("BiFPN D0 from_effdet (P3-P7, 64ch, 3 layers)", "effdet BiFpn efficientdet_d0",
+         partial(_bifpn, "efficientdet_d0"), ("effdet",), conv_ratio=True),
+    Case("BiFPN D3 from_effdet (P3-P7, 160ch, 6 layers)", "effdet BiFpn efficientdet_d3",
+         partial(_bifpn, "efficientdet_d3"), ("effdet",), conv_ratio=True),
+    Case("BiFPN D0 projection='shared' (not EfficientDet's network)",
+         "effdet BiFpn efficientdet_d0", _bifpn_shared, ("effdet",)),
     Case("DilatedResNet-50 layer4 (OS8)", "torchvision resnet50 layer4 (dilated)", _resnet_stage,
          dilated=True),
     Case("DilatedResNet.from_torchvision OS8", "torchvision resnet50 OS8 trunk", _resnet_os8,

@@ -137,8 +137,9 @@ def test_gradient_reaches_the_weights(mode):
 
 def _straightforward(fuse, inputs):
     # Eq. 2 / eq. 3 as written, through plain autograd: the reference for the custom backward.
-    # The factors are normalised in float32, as documented, then applied in the inputs' dtype.
-    w = fuse.weight.float()
+    # The factors are normalised in float32 (float64 for float64 weights), as documented, then
+    # applied in the inputs' dtype.
+    w = fuse.weight.to(torch.promote_types(fuse.weight.dtype, torch.float32))
     factors = w.softmax(0) if fuse.mode == "softmax" else w.relu() / (w.relu().sum() + fuse.eps)
     return sum(f.double() * x for f, x in zip(factors, inputs, strict=True))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -352,14 +352,16 @@ class BiFPNLayer(nn.Module):
 
     def _fuse(self, x: Sequence[Tensor]) -> list[Tensor]:
         last = self.num_levels - 1
+        top_down = cast(Sequence[_FusionNode], self.top_down)
+        bottom_up = cast(Sequence[_FusionNode], self.bottom_up)
         td = list(x)
         for i in reversed(range(last)):
-            node = self.top_down[i]
+            node = top_down[i]
             above = _upsample_to(node.prepare(1, td[i + 1]), x[i])
             td[i] = node([node.prepare(0, x[i]), above])
         out = [td[0]]
         for i in range(1, last + 1):
-            node = self.bottom_up[i - 1]
+            node = bottom_up[i - 1]
             below = _downsample_to(out[i - 1], x[i], self.downsample_padding)
             inputs = [x[i], td[i], below] if i < last else [x[i], below]
             out.append(node([node.prepare(0, inputs[0]), *inputs[1:]]))
@@ -553,7 +555,7 @@ class BiFPN(nn.Module):
         for make_level in self.extra:
             coarser = make_level(coarser)
             out.append(coarser)
-        for layer in self.layers:
+        for layer in cast(Sequence[BiFPNLayer], self.layers):
             out = layer._fuse(out)
         if self.extra_level:
             out.append(F.max_pool2d(out[-1], kernel_size=1, stride=2))

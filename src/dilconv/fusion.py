@@ -155,8 +155,9 @@ class WeightedFusion(nn.Module):
             self.weight.fill_(1.0)
 
     def fusion_weights(self) -> Tensor:
-        """The float32 factor applied to each input (all ones in ``"sum"`` mode)."""
-        weight = self.weight.float()
+        """The factor applied to each input (all ones in ``"sum"`` mode), computed in float32,
+        or in float64 for float64 weights."""
+        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         if self.mode == "fast":
             weight = weight.relu()
             return weight / (weight.sum() + self.eps)

@@ -10,5 +10,6 @@ All follow one pattern, described in :mod:`dilconv.convert._common`.
 from __future__ import annotations
 
 from dilconv.convert._common import ConversionError
+from dilconv.convert.effdet import bifpn_from_effdet
 
-__all__ = ["ConversionError"]
+__all__ = ["ConversionError", "bifpn_from_effdet"]
