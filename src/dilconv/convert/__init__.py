@@ -10,5 +10,8 @@ All follow one pattern, described in :mod:`dilconv.convert._common`.
 from __future__ import annotations
 
 from dilconv.convert._common import ConversionError
+from dilconv.convert.timm_cbam import cbam_from_timm
+from dilconv.convert.torchvision_fpn import fpn_from_torchvision
+from dilconv.convert.torchvision_resnet import resnet_from_torchvision
 
-__all__ = ["ConversionError"]
+__all__ = ["ConversionError", "cbam_from_timm", "fpn_from_torchvision", "resnet_from_torchvision"]
