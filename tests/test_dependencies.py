@@ -8,6 +8,8 @@ only inside the function that converts and declared in the ``convert`` extra, so
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import re
 import sys
 from importlib.metadata import packages_distributions
@@ -75,3 +77,21 @@ def test_converters_import_their_source_library_only_when_called():
     assert not undeclared, f"imported in dilconv/convert but not in the convert extra: {undeclared}"
     eager = _distributions(_imported(converters=True, module_level=True)) - _declared()
     assert not eager, f"dilconv/convert imports {eager} at module level; import it when called"
+
+
+def test_blocks_import_converters_only_when_called():
+    # The converters import the blocks; a block importing a converter at module level would be
+    # an import cycle (resnet.py and _resnet_convert.py were one).
+    for path in SRC.glob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                    alias.name for alias in node.names]
+                assert not any(n.startswith("dilconv.convert") for n in names), path.name
+
+
+def test_import_dilconv_imports_no_converter_library():
+    code = ("import sys; import dilconv.convert.torchvision_resnet, dilconv.convert; "
+            "import dilconv; loaded = {'timm', 'effdet'} & set(sys.modules); "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ)
