@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ast
 import os
-import subprocess
 import re
+import subprocess
 import sys
 from importlib.metadata import packages_distributions
 from pathlib import Path

@@ -136,7 +136,8 @@ class P6P7Levels(ExtraLevels):
         self.p6 = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1, **dd)
         self.act = create_act(act_layer)
         if getattr(self.act, "inplace", False):
-            self.act.inplace = False
+            # P6 is returned as well: an in-place activation would overwrite it.
+            self.act.inplace = False  # type: ignore[assignment]  # a flag, typed as a submodule
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1, **dd)
         self.reset_parameters()
 
@@ -144,7 +145,8 @@ class P6P7Levels(ExtraLevels):
         """Kaiming-uniform (a=1) weights and zero biases, as torchvision's ``LastLevelP6P7``."""
         for conv in (self.p6, self.p7):
             nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         check_feature_map(x, channels=self.in_channels, name=type(self).__name__)

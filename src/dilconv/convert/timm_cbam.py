@@ -71,21 +71,22 @@ def _norm_layer(norm: nn.Module) -> NormLayer:
     from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    if type(norm) not in (BatchNormAct2d, FrozenBatchNormAct2d):
-        return norm_factory(norm, converter=CONVERTER, where="spatial.conv.bn")
-    for part in ("act", "drop"):
-        if type(getattr(norm, part)) is not nn.Identity:
-            raise ConversionError(
-                f"{CONVERTER}: the spatial norm spatial.conv.bn applies {part} "
-                f"{getattr(norm, part)!r}; CBAM has no {part} between the spatial convolution's "
-                "norm and the sigmoid"
-            )
+    if type(norm) in (BatchNormAct2d, FrozenBatchNormAct2d):
+        for part in ("act", "drop"):
+            if type(norm.get_submodule(part)) is not nn.Identity:
+                raise ConversionError(
+                    f"{CONVERTER}: the spatial norm spatial.conv.bn applies {part} "
+                    f"{norm.get_submodule(part)!r}; CBAM has no {part} between the spatial "
+                    "convolution's norm and the sigmoid"
+                )
+    if type(norm) is BatchNormAct2d:
+        return functools.partial(
+            nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+            track_running_stats=norm.track_running_stats,
+        )
     if type(norm) is FrozenBatchNormAct2d:
         return functools.partial(FrozenBatchNorm2d, eps=norm.eps)
-    return functools.partial(
-        nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-        track_running_stats=norm.track_running_stats,
-    )
+    return norm_factory(norm, converter=CONVERTER, where="spatial.conv.bn")
 
 
 def cbam_from_timm(module: nn.Module, *, device: Device = None, dtype: DType = None) -> CBAM:

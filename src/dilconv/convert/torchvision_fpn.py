@@ -71,7 +71,7 @@ def _extra_levels(fpn: nn.Module) -> Callable[..., ExtraLevels] | None:
     """A factory (taking ``device``/``dtype``) of the block computing ``fpn``'s extra levels."""
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-    extra = fpn.extra_blocks
+    extra = getattr(fpn, "extra_blocks", None)
     if extra is None:
         return None
     if type(extra) is LastLevelMaxPool:
@@ -92,11 +92,12 @@ def fpn_from_torchvision(
 ) -> FPNNeck:
     """:meth:`dilconv.FPNNeck.from_torchvision` (see there for what is kept and refused)."""
     _check_source(fpn)
-    levels = len(fpn.inner_blocks)
-    if levels != len(fpn.layer_blocks):
+    levels = len(list(fpn.get_submodule("inner_blocks").children()))
+    smoothed = len(list(fpn.get_submodule("layer_blocks").children()))
+    if levels != smoothed:
         raise ConversionError(
-            f"{CONVERTER}: the FPN has {levels} inner_blocks but {len(fpn.layer_blocks)} "
-            "layer_blocks; torchvision builds one of each per level"
+            f"{CONVERTER}: the FPN has {levels} inner_blocks but {smoothed} layer_blocks; "
+            "torchvision builds one of each per level"
         )
     blocks = [_conv_and_norm(fpn, f"{kind}.{i}")
               for kind in ("inner_blocks", "layer_blocks") for i in range(levels)]
