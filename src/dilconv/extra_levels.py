@@ -36,7 +36,7 @@ class ExtraLevels(nn.Module):
         in_channels: channels of that map; ``None`` for any.
 
     Shape:
-        input (N, in_channels, H, W) -> list of ``len(names)`` maps (N, C, H_k, W_k).
+        input (N, in_channels, H, W) -> a list of len(names) maps (N, C, H_k, W_k).
 
     Example:
         >>> import torch
@@ -65,7 +65,7 @@ class MaxPoolLevel(ExtraLevels):
     it. Keyed ``"pool"``; no parameters, so it adds no state-dict keys.
 
     Shape:
-        input (N, C, H, W) -> ``[(N, C, ceil(H / 2), ceil(W / 2))]``
+        input (N, C, H, W) -> a list of one map (N, C, ceil(H / 2), ceil(W / 2))
 
     Example:
         >>> import torch
@@ -102,8 +102,8 @@ class P6P7Levels(ExtraLevels):
         act_layer: activation class or factory between P6 and P7 (ReLU in the paper).
 
     Shape:
-        input (N, in_channels, H, W) -> ``[(N, out_channels, H6, W6), (N, out_channels, H7,
-        W7)]`` with ``H6 = ceil(H / 2)``, ``H7 = ceil(H6 / 2)``.
+        input (N, in_channels, H, W) -> a list [P6, P7] of maps (N, out_channels, H6, W6) and
+        (N, out_channels, H7, W7), with H6 = ceil(H / 2), H7 = ceil(H6 / 2), and so for W.
 
     Example:
         >>> import torch
