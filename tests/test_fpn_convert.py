@@ -8,6 +8,8 @@ import functools
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import (
@@ -94,6 +96,23 @@ def test_converted_computes_what_torchvision_computes(name, train):
     for key, value in neck.state_dict().items():
         head, index, rest = key.split(".", 2)
         torch.testing.assert_close(value, theirs[f"{THEIR_KEYS[head].format(index)}.{rest}"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(name=st.sampled_from(sorted(SOURCES)), height=st.integers(1, 40), width=st.integers(1, 40),
+       batch=st.integers(0, 2))
+def test_same_outputs_at_any_size(name, height, width, batch):
+    torch.manual_seed(height * 41 + width)
+    source = randomise(SOURCES[name]()).eval()
+    neck = FPNNeck.from_torchvision(source)
+    feats, size = {}, (height, width)
+    for i, c in enumerate(CHANNELS):
+        feats[f"c{i + 3}"] = torch.randn(batch, c, *size)
+        size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
+    got, expected = neck(feats), source(feats)
+    assert list(got) == list(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], msg=key)
 
 
 def test_extra_blocks_become_dilconv_blocks():
