@@ -97,7 +97,7 @@ class FPNNeck(nn.Module):
         self.upsample_mode = upsample
         self.smooth_top = smooth_top
         self.extra_level = extra_level
-        self.extra_levels = _extra_levels(extra_level, extra_levels, in_channels, out_channels)
+        extra = _extra_levels(extra_level, extra_levels, in_channels, out_channels)
         levels = len(in_channels)
         bias = conv_bias(norm_layer)
         self.lateral = nn.ModuleList(
@@ -120,10 +120,15 @@ class FPNNeck(nn.Module):
                 TransposedConvUpsampler(out_channels, out_channels, norm_layer=up_norm, **dd)
                 for _ in range(levels - 1)
             )
+        self.extra_levels = extra
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-uniform (a=1) weights and zero biases, as torchvision's FPN initialises."""
+        """Kaiming-uniform (a=1) weights and zero biases, as torchvision's FPN initialises.
+
+        The extra levels keep theirs (as torchvision leaves its ``extra_blocks``): a block
+        passed in with trained weights stays trained.
+        """
         for conv in [*self.lateral, *self.smooth]:
             nn.init.kaiming_uniform_(conv.weight, a=1)
             if conv.bias is not None:
@@ -138,7 +143,7 @@ class FPNNeck(nn.Module):
         name = type(self).__name__
         keys, maps = check_levels(features, self.in_channels, name=name, keys=self.in_keys)
         extra = self.extra_levels
-        keys = pyramid_output_keys(keys, extra.names if extra else [], name=name)
+        keys = pyramid_output_keys(keys, [] if extra is None else extra.names, name=name)
         top = self.lateral_norm[-1](self.lateral[-1](maps[-1]))
         merged = [top]
         for level in range(len(maps) - 2, -1, -1):

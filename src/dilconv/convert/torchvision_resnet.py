@@ -59,7 +59,7 @@ class TorchvisionLayout(TypedDict, total=False):
     act_layer: ActLayer
 
 
-def check_source(model: nn.Module) -> None:
+def _check_source(model: nn.Module) -> None:
     from torchvision.models._utils import IntermediateLayerGetter
     from torchvision.models.resnet import ResNet
 
@@ -171,7 +171,7 @@ def resnet_from_torchvision(
     dtype: DType = None,
 ) -> DilatedResNet:
     """:meth:`dilconv.DilatedResNet.from_torchvision` (see there for what is kept and refused)."""
-    check_source(model)
+    _check_source(model)
     if output_stride is not None and output_stride not in OUTPUT_STRIDES:
         raise ValueError(
             f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride}"
