@@ -29,6 +29,8 @@ from dilconv import (
     DilatedResNet,
     FPNNeck,
     LearnableResizer,
+    MaxPoolLevel,
+    P6P7Levels,
     SpatialAttention,
     TransposedConvUpsampler,
     WeightedFusion,
@@ -45,6 +47,10 @@ EXEMPT = {
     "gradient_map": "an analysis function over a module, not a block",
     "gridding_holes": "an analysis function over a module, not a block",
 }
+
+# Public nn.Module base classes that only subclasses implement (forward raises), and the blocks
+# whose cases cover them.
+BASES = {"ExtraLevels": ("MaxPoolLevel", "P6P7Levels")}
 
 ALL_CHECKS = frozenset(
     {
@@ -122,6 +128,11 @@ def _fusion_sum(**dd) -> nn.Module:
     return WeightedFusion(3, mode="sum", **dd)
 
 
+def _fpn_p6p7_from_input(device=None, dtype=None, **layers) -> nn.Module:
+    extra = P6P7Levels(16, 8, source="input", device=device, dtype=dtype)
+    return FPNNeck(LEVELS, 8, extra_levels=extra, device=device, dtype=dtype, **layers)
+
+
 LEVELS = [4, 8, 16]
 KEYS = ["c3", "c4", "c5"]
 # Variants of a block that already runs the expensive checks skip them (2 CPU cores in CI).
@@ -156,6 +167,14 @@ BLOCK_CASES = [
     Case("fpn_transposed_mapping", lambda **dd: FPNNeck(
         LEVELS, 8, "transposed", extra_level=True, **dd), pyramid(LEVELS, KEYS),
         kind="pyramid", skip=COMPILED_ELSEWHERE),
+    # RetinaNet v2's P6/P7 from C5, through the whole contract (the extra block in a neck).
+    Case("fpn_p6p7_from_input_mapping", _fpn_p6p7_from_input, pyramid(LEVELS, KEYS),
+         kind="pyramid", size=(2, 19, 17)),
+    Case("p6p7_levels", lambda **dd: P6P7Levels(6, 4, **dd), one_map(6),
+         skip=COMPILED_ELSEWHERE),
+    # No tensors at all, so the meta check (which wants some state) does not apply.
+    Case("max_pool_level", lambda **dd: MaxPoolLevel(), one_map(5), any_channels=True,
+         skip=VARIANT | {"meta"}),
     Case("upsampler", lambda **dd: TransposedConvUpsampler(4, 6, **dd), one_map(4)),
     Case("upsampler_scale3_no_norm", lambda **dd: TransposedConvUpsampler(
         4, 6, scale=3, norm_layer=None, **dd), one_map(4), skip=FIXED_LAYERS),

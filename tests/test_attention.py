@@ -175,3 +175,15 @@ def test_backward_reaches_every_parameter():
     block = CBAM(8, reduction=4)
     block(torch.randn(2, 8, 5, 7)).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_hidden_channels_and_mlp_bias_options():
+    block = CBAM(32, reduction=4, hidden_channels=5, mlp_bias=False)
+    assert block.channel.hidden_channels == 5 and block.channel.fc1.out_channels == 5
+    assert block.channel.fc1.bias is None and block.channel.fc2.bias is None
+    assert set(block.state_dict()) >= {"channel.fc1.weight", "channel.fc2.weight"}
+    assert not any(key.startswith("channel.") and key.endswith("bias")
+                   for key in block.state_dict())
+    assert n_params(block) == 2 * 32 * 5 + spatial_attention_params(7)
+    with pytest.raises(ValueError, match="hidden_channels"):
+        ChannelAttention(8, hidden_channels=0)

@@ -48,6 +48,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import dilconv
 from contract_cases import (
     ALL_CHECKS,
+    BASES,
     BLOCK_CASES,
     CASES,
     EXEMPT,
@@ -100,12 +101,25 @@ def test_every_public_name_has_a_case():
     for name in dilconv.__all__:
         obj = getattr(dilconv, name)
         is_block = isinstance(obj, type) and issubclass(obj, nn.Module)
+        if is_block and name in BASES:
+            continue
         if (is_block and name not in covered) or (not is_block and name not in EXEMPT):
             missing.append(name)
     assert not missing, (
         f"public names without a contract case (add a Case to tests/contract_cases.py, or, "
         f"for a function, an EXEMPT entry with the reason): {missing}"
     )
+
+
+def test_bases_are_abstract_and_their_subclasses_have_cases():
+    covered = {type(case.build(device="meta")).__name__ for case in BLOCK_CASES}
+    for name, subclasses in BASES.items():
+        base = getattr(dilconv, name)
+        assert issubclass(base, nn.Module) and name in dilconv.__all__
+        with pytest.raises(NotImplementedError):
+            base()(torch.zeros(1, 1, 1, 1))
+        for sub in subclasses:
+            assert issubclass(getattr(dilconv, sub), base) and sub in covered, sub
 
 
 def test_exempt_names_are_not_blocks():

@@ -16,7 +16,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = [
     "index", "api",
     *(f"guides/{name}" for name in ("install", "own_model", "dilate_resnet", "receptive_fields",
-                                    "training", "benchmarks", "export")),
+                                    "training", "benchmarks", "export", "weights")),
     "studies/index", *(f"studies/seed00{i}" for i in range(4)),
     "auto_examples/index",
     *(f"auto_examples/plot_{name}" for name in (

@@ -34,7 +34,7 @@ def test_the_guides_are_there_and_hold_code():
     names = {p.relative_to(DOCS).as_posix() for p in PAGES}
     for page in ("guides/install.rst", "guides/own_model.rst", "guides/dilate_resnet.rst",
                  "guides/receptive_fields.rst", "guides/training.rst", "guides/benchmarks.rst",
-                 "guides/export.rst"):
+                 "guides/export.rst", "guides/weights.rst"):
         assert page in names
         assert python_blocks((DOCS / page).read_text(encoding="utf-8")), page
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from dilconv import FPNNeck
+from dilconv import ExtraLevels, FPNNeck, MaxPoolLevel, P6P7Levels
 
 
 def pyramid(h: int, w: int, channels: list[int], batch: int = 1) -> list[torch.Tensor]:
@@ -144,3 +144,82 @@ def test_norm_layer_keys_and_upsampler_norm():
     assert isinstance(gn.upsample[0].norm, torch.nn.GroupNorm)
     assert isinstance(FPNNeck([4, 8], 8, upsample="transposed").upsample[0].norm,
                       torch.nn.BatchNorm2d)
+
+
+def test_extra_level_is_the_max_pool_block_with_the_same_keys_and_outputs():
+    torch.manual_seed(0)
+    shorthand = FPNNeck([4, 8], 6, extra_level=True).eval()
+    block = FPNNeck([4, 8], 6, extra_levels=MaxPoolLevel()).eval()
+    assert isinstance(shorthand.extra_levels, MaxPoolLevel)
+    assert set(shorthand.state_dict()) == set(block.state_dict()) == set(
+        FPNNeck([4, 8], 6).state_dict())
+    block.load_state_dict(shorthand.state_dict())
+    feats = pyramid(13, 11, [4, 8])
+    for mine, ref in zip(shorthand(feats), block(feats)):
+        torch.testing.assert_close(mine, ref)
+    torch.testing.assert_close(shorthand(feats)[-1], shorthand(feats)[-2][..., ::2, ::2])
+
+
+@pytest.mark.parametrize("source", ["output", "input"])
+def test_p6_p7_levels_come_from_the_coarsest_output_or_input(source):
+    torch.manual_seed(0)
+    extra = P6P7Levels(8 if source == "output" else 16, 8, source=source)
+    neck = FPNNeck([4, 16], 8, extra_levels=extra).eval()
+    feats = pyramid(21, 13, [4, 16])
+    out = neck(dict(zip(["c4", "c5"], feats)))
+    assert list(out) == ["c4", "c5", "p6", "p7"]
+    taken = out["c5"] if source == "output" else feats[-1]
+    p6 = extra.p6(taken)
+    torch.testing.assert_close(out["p6"], p6)
+    torch.testing.assert_close(out["p7"], extra.p7(torch.relu(p6)))
+    assert out["p6"].shape[-2:] == (6, 4) and out["p7"].shape[-2:] == (3, 2)
+    assert {"extra_levels.p6.weight", "extra_levels.p7.bias"} <= set(neck.state_dict())
+
+
+def test_p6_stays_negative_where_it_is_negative():
+    # P6 is an output and the input of P7's activation: an in-place ReLU would zero it.
+    torch.manual_seed(0)
+    for act in (torch.nn.ReLU, torch.nn.Hardswish):
+        p6, _ = P6P7Levels(4, 4, act_layer=act)(torch.randn(2, 4, 9, 9))
+        assert (p6 < 0).any()
+
+
+def test_own_extra_levels_block():
+    class AvgPoolLevel(ExtraLevels):
+        names = ("avg",)
+        source = "input"
+
+        def forward(self, x):
+            return [torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)]
+
+    neck = FPNNeck([4, 8], 6, extra_levels=AvgPoolLevel()).eval()
+    feats = pyramid(10, 9, [4, 8])
+    out = neck({"a": feats[0], "b": feats[1]})
+    assert list(out) == ["a", "b", "avg"] and out["avg"].shape == (1, 8, 3, 3)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"extra_level": True, "extra_levels": MaxPoolLevel()}, ValueError, "got both"),
+    ({"extra_levels": torch.nn.MaxPool2d(1, 2)}, TypeError, "ExtraLevels block or None"),
+    ({"extra_levels": P6P7Levels(16, 8)}, ValueError,
+     r"takes 16 channels from the coarsest output \(source='output'\), which has 8"),
+    ({"extra_levels": P6P7Levels(8, 8, source="input")}, ValueError,
+     "coarsest input .* which has 16 .the last in_channels"),
+])
+def test_bad_extra_levels(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        FPNNeck([4, 16], 8, **kwargs)
+
+
+def test_extra_level_keys_must_be_new():
+    neck = FPNNeck([4, 8], 8, extra_levels=P6P7Levels(8, 8))
+    feats = pyramid(8, 8, [4, 8])
+    with pytest.raises(ValueError, match=r"adds the key 'p6' for its extra levels \['p6', 'p7'\]"):
+        neck({"p5": feats[0], "p6": feats[1]})
+
+
+def test_p6_p7_levels_bad_arguments():
+    with pytest.raises(ValueError, match="source must be one of"):
+        P6P7Levels(4, 4, source="p5")
+    with pytest.raises(ValueError, match="out_channels"):
+        P6P7Levels(4, 0)

@@ -13,6 +13,7 @@ from dilconv.effective_field import (
     gradient_map,
     gridding_holes,
 )
+from dilconv.extra_levels import ExtraLevels, MaxPoolLevel, P6P7Levels
 from dilconv.fpn import FPNNeck
 from dilconv.fusion import WeightedFusion
 from dilconv.resizer import LearnableResizer
@@ -29,7 +30,10 @@ __all__ = [
     # necks, fusion and up-sampling
     "BiFPN",
     "BiFPNLayer",
+    "ExtraLevels",
     "FPNNeck",
+    "MaxPoolLevel",
+    "P6P7Levels",
     "TransposedConvUpsampler",
     "WeightedFusion",
     # attention and resizing

@@ -186,14 +186,22 @@ def pyramid_channels(
 
 
 def pyramid_output_keys(
-    keys: list[str] | None, extra_level: bool, *, name: str
+    keys: list[str] | None, extra: bool | Sequence[str], *, name: str
 ) -> list[str] | None:
-    """The keys a neck returns for input ``keys``: the same, plus ``"pool"`` for an extra level."""
-    if keys is None or not extra_level:
+    """The keys a neck returns for input ``keys``: the same, plus those of its extra levels.
+
+    ``extra`` names the extra levels; ``True`` stands for the one ``"pool"`` level of
+    ``extra_level=True``, ``False`` for none.
+    """
+    if isinstance(extra, bool):
+        extra = [EXTRA_LEVEL_KEY] if extra else []
+    if keys is None or not extra:
         return keys
-    if EXTRA_LEVEL_KEY in keys:
+    clash = [key for key in extra if key in keys]
+    if clash:
         raise ValueError(
-            f"{name} with extra_level=True adds the key {EXTRA_LEVEL_KEY!r}, which the input "
-            f"already has (keys {keys})"
+            f"{name} adds the key{'s' if len(clash) > 1 else ''} "
+            f"{', '.join(map(repr, clash))} for its extra levels {list(extra)}, which the "
+            f"input already has (keys {keys})"
         )
-    return [*keys, EXTRA_LEVEL_KEY]
+    return [*keys, *extra]

@@ -9,7 +9,8 @@ it concatenates the channel-wise mean *before* the max, as the paper's eq. 3 wri
 ``[AvgPool(F); MaxPool(F)]`` and timm's ``CbamModule`` does, whereas the authors' code puts
 the max first; their weights load after swapping the two input channels of
 ``spatial.conv.weight``. State-dict keys: ``channel.fc1``, ``channel.fc2``,
-``spatial.conv``, ``spatial.bn``.
+``spatial.conv``, ``spatial.bn``. timm's ``CbamModule`` computes the same with an MLP
+without biases (its ``mlp_bias=False``); :meth:`CBAM.from_timm` converts it.
 """
 
 from __future__ import annotations
@@ -53,12 +54,16 @@ class ChannelAttention(nn.Module):
     pooling over the spatial positions, :math:`\sigma` the sigmoid and :math:`\delta` the
     activation. One MLP is shared by both descriptors: 1x1 conv to ``max(1, C // reduction)``
     channels, activation, 1x1 conv back to C (both with bias, so :math:`b_1` enters twice, as
-    in the authors' code). The output is :math:`M_c(F) \otimes F`, broadcast over H and W.
+    in the authors' code; ``mlp_bias=False``, timm's default, drops :math:`b_0, b_1`). The
+    output is :math:`M_c(F) \otimes F`, broadcast over H and W.
 
     Args:
         channels: C, channels in and out.
         reduction: hidden width is ``max(1, C // reduction)`` (floor, never below 1).
         act_layer: activation class or factory (in place where it takes ``inplace``) of the MLP.
+        hidden_channels: the hidden width itself, in place of ``reduction`` (timm's
+            ``rd_channels``).
+        mlp_bias: whether both MLP convolutions have a bias (``fc1.bias``, ``fc2.bias``).
 
     Shape:
         input (N, C, H, W) -> output (N, C, H, W)
@@ -76,6 +81,8 @@ class ChannelAttention(nn.Module):
         reduction: int = 16,
         *,
         act_layer: ActLayer | None = nn.ReLU,
+        hidden_channels: int | None = None,
+        mlp_bias: bool = True,
         device: Device = None,
         dtype: DType = None,
     ) -> None:
@@ -86,10 +93,13 @@ class ChannelAttention(nn.Module):
         self.channels = channels
         self.out_channels = channels
         self.reduction = reduction
-        self.hidden_channels = reduced_channels(channels, reduction)
-        self.fc1 = nn.Conv2d(channels, self.hidden_channels, 1, **dd)
+        self.hidden_channels = (
+            reduced_channels(channels, reduction) if hidden_channels is None
+            else check_positive("hidden_channels", hidden_channels)
+        )
+        self.fc1 = nn.Conv2d(channels, self.hidden_channels, 1, bias=mlp_bias, **dd)
         self.act = create_act(act_layer)
-        self.fc2 = nn.Conv2d(self.hidden_channels, channels, 1, **dd)
+        self.fc2 = nn.Conv2d(self.hidden_channels, channels, 1, bias=mlp_bias, **dd)
 
     def _mlp(self, descriptor: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(descriptor)))
@@ -180,6 +190,8 @@ class CBAM(nn.Module):
             ``inplace``).
         norm_layer: norm class or factory after the spatial convolution, called as
             ``norm_layer(1)``; ``None`` for no norm.
+        hidden_channels: the channel MLP's hidden width itself, in place of ``reduction``.
+        mlp_bias: whether the channel MLP's convolutions have biases (timm's ``mlp_bias``).
 
     Shape:
         input (N, C, H, W) -> output (N, C, H, W)
@@ -199,6 +211,8 @@ class CBAM(nn.Module):
         *,
         act_layer: ActLayer | None = nn.ReLU,
         norm_layer: NormLayer | None = nn.BatchNorm2d,
+        hidden_channels: int | None = None,
+        mlp_bias: bool = True,
         device: Device = None,
         dtype: DType = None,
     ) -> None:
@@ -207,7 +221,8 @@ class CBAM(nn.Module):
         self.channels = channels
         self.out_channels = channels
         self.channel = ChannelAttention(
-            channels, reduction, act_layer=act_layer, device=device, dtype=dtype
+            channels, reduction, act_layer=act_layer, hidden_channels=hidden_channels,
+            mlp_bias=mlp_bias, device=device, dtype=dtype,
         )
         self.spatial = SpatialAttention(
             spatial_kernel, norm_layer=norm_layer, device=device, dtype=dtype
@@ -219,3 +234,51 @@ class CBAM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"
+
+    @classmethod
+    def from_timm(cls, module: nn.Module, *, device: Device = None, dtype: DType = None) -> CBAM:
+        """Convert timm's ``CbamModule`` (``timm.layers.cbam``), weights included.
+
+        The block computes what ``module`` computes: its hidden width (what ``rd_ratio``,
+        ``rd_channels`` and ``rd_divisor`` gave, kept as ``hidden_channels``), ``mlp_bias``,
+        activation (any, copied with its settings), spatial kernel and norm (timm's
+        ``BatchNormAct2d`` without activation becomes a ``BatchNorm2d`` with its eps, momentum
+        and statistics settings; timm's frozen one, torchvision's ``FrozenBatchNorm2d``). Each
+        parameter's ``requires_grad``, each module's train/eval mode, the device and dtype are
+        kept. The state-dict keys map one to one:
+
+        ========================================  ================================
+        timm                                      dilconv
+        ========================================  ================================
+        ``channel.fc1.weight`` (and ``.bias``)    ``channel.fc1.weight`` (``.bias``)
+        ``channel.fc2.weight`` (and ``.bias``)    ``channel.fc2.weight`` (``.bias``)
+        ``spatial.conv.conv.weight``              ``spatial.conv.weight``
+        ``spatial.conv.bn.*``                     ``spatial.bn.*``
+        ========================================  ================================
+
+        Args:
+            module: the timm ``CbamModule``.
+            device: where to build the result; by default where ``module``'s tensors are.
+            dtype: floating dtype of the result; by default that of ``module``'s tensors.
+
+        Raises:
+            TypeError: ``module`` is not a ``CbamModule``; timm's ``LightCbamModule`` is
+                refused by name (it pools ``(mean + max) / 2`` before one MLP pass and one
+                one-channel convolution, where CBAM's eq. 2-3 keep the two descriptors apart).
+            ConversionError: a gate other than the sigmoid (``gate_layer``), an even
+                ``spatial_kernel_size``, a norm with an activation or of another type, or a
+                layer changed after construction, naming it.
+
+        Example:
+            >>> import torch
+            >>> from timm.layers.cbam import CbamModule
+            >>> theirs = CbamModule(32, rd_ratio=1 / 8, spatial_kernel_size=5).eval()
+            >>> ours = CBAM.from_timm(theirs)
+            >>> ours.channel.hidden_channels, ours.channel.fc1.bias, ours.training
+            (4, None, False)
+            >>> x = torch.randn(2, 32, 9, 7)
+            >>> torch.testing.assert_close(ours(x), theirs(x))
+        """
+        from dilconv.convert.timm_cbam import cbam_from_timm
+
+        return cbam_from_timm(module, device=device, dtype=dtype)

@@ -2,7 +2,7 @@
 
 Module names follow torchvision's ``ResNet`` (``conv1``, ``bn1``, ``relu``, ``maxpool``,
 ``layer1`` ... ``layer4``), so :meth:`DilatedResNet.from_torchvision` rebuilds the source's layout
-and copies its state_dict unchanged.
+and copies its state_dict unchanged (:mod:`dilconv.convert.torchvision_resnet`).
 """
 
 from __future__ import annotations
@@ -21,20 +21,13 @@ from dilconv._layers import (
     create_act,
     create_norm,
 )
-from dilconv._resnet_convert import (
-    TORCHVISION_STRIDES,
-    check_same_layers,
-    check_source,
-    follows_torchvision_rule,
-    placement,
-    torchvision_layout,
-)
 from dilconv.bottleneck import DilatedBasicBlock, DilatedBottleneck
 
 __all__ = ["DilatedResNet"]
 
 _BLOCKS = {"bottleneck": DilatedBottleneck, "basic": DilatedBasicBlock}
-_OUTPUT_STRIDES = (8, 16, 32)
+# The output strides a network (and dilconv.convert's from_torchvision) can be rebuilt for.
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 def _stage_plan(
@@ -179,9 +172,9 @@ class DilatedResNet(nn.Module):
             for v in stages[key]:
                 check_positive(key, v)
         per_block = _block_dilations(dilations, blocks)
-        if output_stride is not None and output_stride not in _OUTPUT_STRIDES:
+        if output_stride is not None and output_stride not in OUTPUT_STRIDES:
             raise ValueError(
-                f"output_stride must be one of {_OUTPUT_STRIDES} or None, got {output_stride}"
+                f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride}"
             )
         if block == "basic" and (groups != 1 or width_per_group != 64):
             raise ValueError("block='basic' supports only groups=1 and width_per_group=64")
@@ -339,7 +332,8 @@ class DilatedResNet(nn.Module):
                 not a ``BatchNorm2d``, ``FrozenBatchNorm2d`` or ``GroupNorm``.
             ValueError: a module differs from what the DilatedResNet of ``model``'s layout
                 builds (another norm or activation in one place, a changed padding, a removed
-                shortcut); the state_dict does not load (an added parameter); an explicit
+                shortcut), or a tensor of the trunk would not be carried over (an added
+                parameter): both :class:`~dilconv.convert.ConversionError`; an explicit
                 ``output_stride`` for strides and dilations that torchvision does not build;
                 tensors on several devices or dtypes without ``device``/``dtype``.
 
@@ -357,39 +351,6 @@ class DilatedResNet(nn.Module):
             >>> net(torch.randn(1, 3, 64, 64))[-1].shape
             torch.Size([1, 512, 8, 8])
         """
-        check_source(model)
-        if output_stride is not None and output_stride not in _OUTPUT_STRIDES:
-            raise ValueError(
-                f"output_stride must be one of {_OUTPUT_STRIDES} or None, got {output_stride}"
-            )
-        layout = torchvision_layout(model)
-        check_same_layers(model, cls(**layout, device="meta"))
-        if output_stride is not None:
-            if not follows_torchvision_rule(layout["strides"], layout["dilations"]):
-                raise ValueError(
-                    f"output_stride={output_stride} rebuilds torchvision's layout, but the "
-                    f"source's stage strides {layout['strides']} and block dilations "
-                    f"{layout['dilations']} are not one torchvision builds; pass "
-                    "output_stride=None to keep them"
-                )
-            layout["strides"] = TORCHVISION_STRIDES
-            layout["dilations"] = [(1,) * n for n in layout["blocks"]]
-        device, dtype = placement(model, device, dtype)
-        net = cls(**layout, output_stride=output_stride, device=device, dtype=dtype)
-        state = {k: v for k, v in model.state_dict().items()
-                 if k.split(".", 1)[0] not in ("avgpool", "fc")}
-        if net.conv1.weight.is_meta:
-            state = {k: v.to("meta") for k, v in state.items()}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(
-                f"from_torchvision: the state_dict of the {type(model).__name__} does not load "
-                f"into the DilatedResNet of its layout (were modules added?): {error}"
-            ) from error
-        source_parameters = dict(model.named_parameters())
-        for name, parameter in net.named_parameters():
-            parameter.requires_grad_(source_parameters[name].requires_grad)
-        for name, module in net.named_modules():
-            module.training = model.get_submodule(name).training
-        return net
+        from dilconv.convert.torchvision_resnet import resnet_from_torchvision
+
+        return resnet_from_torchvision(model, output_stride, device=device, dtype=dtype)

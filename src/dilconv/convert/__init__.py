@@ -11,5 +11,14 @@ from __future__ import annotations
 
 from dilconv.convert._common import ConversionError
 from dilconv.convert.effdet import bifpn_from_effdet
+from dilconv.convert.timm_cbam import cbam_from_timm
+from dilconv.convert.torchvision_fpn import fpn_from_torchvision
+from dilconv.convert.torchvision_resnet import resnet_from_torchvision
 
-__all__ = ["ConversionError", "bifpn_from_effdet"]
+__all__ = [
+    "ConversionError",
+    "bifpn_from_effdet",
+    "cbam_from_timm",
+    "fpn_from_torchvision",
+    "resnet_from_torchvision",
+]

@@ -1,32 +1,37 @@
-"""What :meth:`dilconv.DilatedResNet.from_torchvision` reads from a torchvision ResNet.
+"""torchvision ResNet -> :class:`dilconv.DilatedResNet` (``DilatedResNet.from_torchvision``).
 
-The layout (stem, block kind, widths, strides, per-block dilations, norm layer), the checks
-that nothing the source had is lost, and where the result is built.
+Reads the layout (stem, block kind, widths, strides, per-block dilations, norm layer), builds
+the DilatedResNet of that layout, checks that its every layer is the source's, and copies the
+trunk's tensors one to one (the names are torchvision's; ``avgpool`` and ``fc`` are dropped).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypedDict, TypeVar
+from typing import TypedDict, TypeVar
 
-import torch
 from torch import nn
 
 from dilconv._layers import ActLayer, Device, DType, NormLayer
-
-if TYPE_CHECKING:
-    from dilconv.resnet import DilatedResNet
+from dilconv.convert._common import (
+    check_same_layers,
+    copy_state,
+    keep_modes,
+    norm_factory,
+    placement,
+)
+from dilconv.resnet import OUTPUT_STRIDES, DilatedResNet
 
 __all__ = [
     "TORCHVISION_STRIDES",
     "TorchvisionLayout",
-    "check_same_layers",
-    "check_source",
     "follows_torchvision_rule",
-    "placement",
+    "resnet_from_torchvision",
     "torchvision_layout",
 ]
+
+CONVERTER = "from_torchvision"
 
 # What from_torchvision reads: torchvision's ResNet trunk, and the strides its stages are built
 # with before replace_stride_with_dilation trades any of them for dilation.
@@ -54,7 +59,7 @@ class TorchvisionLayout(TypedDict, total=False):
     act_layer: ActLayer
 
 
-def check_source(model: nn.Module) -> None:
+def _check_source(model: nn.Module) -> None:
     from torchvision.models._utils import IntermediateLayerGetter
     from torchvision.models.resnet import ResNet
 
@@ -87,25 +92,6 @@ def _submodule(model: nn.Module, name: str, kind: type[_M]) -> _M:
 
 def _conv(model: nn.Module, name: str) -> nn.Conv2d:
     return _submodule(model, name, nn.Conv2d)
-
-
-def _norm_layer(norm: nn.Module) -> NormLayer:
-    """A factory that builds ``norm``'s type with ``norm``'s settings for any channel count."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    if type(norm) is FrozenBatchNorm2d:
-        return functools.partial(FrozenBatchNorm2d, eps=norm.eps)
-    if type(norm) is nn.BatchNorm2d:
-        return functools.partial(
-            nn.BatchNorm2d, eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-            track_running_stats=norm.track_running_stats,
-        )
-    if type(norm) is nn.GroupNorm:
-        return functools.partial(nn.GroupNorm, norm.num_groups, eps=norm.eps, affine=norm.affine)
-    raise TypeError(
-        "from_torchvision keeps BatchNorm2d, FrozenBatchNorm2d and GroupNorm norms, "
-        f"bn1 is {type(norm).__name__}"
-    )
 
 
 def torchvision_layout(model: nn.Module) -> TorchvisionLayout:
@@ -142,7 +128,7 @@ def torchvision_layout(model: nn.Module) -> TorchvisionLayout:
         "dilations": [tuple(_conv(model, f"{n}.{i}.conv2").dilation[0] for i in range(len(s)))
                       for n, s in zip(names, stages)],
         "block": "bottleneck" if bottleneck else "basic",
-        "norm_layer": _norm_layer(model.get_submodule("bn1")),
+        "norm_layer": norm_factory(model.get_submodule("bn1"), converter=CONVERTER, where="bn1"),
         "act_layer": functools.partial(
             nn.ReLU, inplace=getattr(model.get_submodule("relu"), "inplace", True)
         ),
@@ -156,23 +142,6 @@ def torchvision_layout(model: nn.Module) -> TorchvisionLayout:
     else:
         layout["planes"] = [_conv(model, f"{n}.0.conv1").out_channels for n in names]
     return layout
-
-
-def check_same_layers(source: nn.Module, built: DilatedResNet) -> None:
-    """Raise unless every layer of ``built`` is the layer of that name in ``source``."""
-    for name, ours in built.named_modules():
-        if next(ours.children(), None) is not None:
-            continue
-        try:
-            theirs = source.get_submodule(name)
-        except AttributeError:
-            theirs = None
-        if repr(theirs) != repr(ours):
-            raise ValueError(
-                f"from_torchvision cannot express {name}: the source has {theirs!r} where the "
-                f"DilatedResNet of its layout (one norm layer and one activation, those of bn1 "
-                f"and relu) has {ours!r}"
-            )
 
 
 def follows_torchvision_rule(
@@ -194,25 +163,40 @@ def follows_torchvision_rule(
     return True
 
 
-def placement(
-    model: nn.Module, device: Device, dtype: DType
-) -> tuple[Device, torch.dtype]:
-    """``device`` and ``dtype``, each defaulting to the one all of ``model``'s tensors share."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if device is None:
-        devices = {t.device for t in tensors}
-        if len(devices) != 1:
+def resnet_from_torchvision(
+    model: nn.Module,
+    output_stride: int | None = None,
+    *,
+    device: Device = None,
+    dtype: DType = None,
+) -> DilatedResNet:
+    """:meth:`dilconv.DilatedResNet.from_torchvision` (see there for what is kept and refused)."""
+    _check_source(model)
+    if output_stride is not None and output_stride not in OUTPUT_STRIDES:
+        raise ValueError(
+            f"output_stride must be one of {OUTPUT_STRIDES} or None, got {output_stride}"
+        )
+    layout = torchvision_layout(model)
+    check_same_layers(
+        DilatedResNet(**layout, device="meta"), model, {}, converter=CONVERTER,
+        built="the DilatedResNet of its layout (one norm layer and one activation, those of bn1 "
+        "and relu)",
+    )
+    if output_stride is not None:
+        if not follows_torchvision_rule(layout["strides"], layout["dilations"]):
             raise ValueError(
-                f"from_torchvision: the source's tensors are on {sorted(map(str, devices))}; "
-                "pass device= to choose one"
+                f"output_stride={output_stride} rebuilds torchvision's layout, but the "
+                f"source's stage strides {layout['strides']} and block dilations "
+                f"{layout['dilations']} are not one torchvision builds; pass "
+                "output_stride=None to keep them"
             )
-        (device,) = devices
-    if dtype is None:
-        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
-        if len(dtypes) != 1:
-            raise ValueError(
-                f"from_torchvision: the source's tensors have dtypes {sorted(map(str, dtypes))}; "
-                "pass dtype= to choose one"
-            )
-        (dtype,) = dtypes
-    return device, dtype
+        layout["strides"] = TORCHVISION_STRIDES
+        layout["dilations"] = [(1,) * n for n in layout["blocks"]]
+    device, dtype = placement(model, device, dtype, converter=CONVERTER)
+    net = DilatedResNet(**layout, output_stride=output_stride, device=device, dtype=dtype)
+    # The trunk is the source: avgpool and fc, which a features-only backbone has no use for,
+    # are the tensors left behind.
+    trunk = nn.ModuleDict({name: model.get_submodule(name) for name in _TRUNK})
+    copy_state(net, trunk, {key: key for key in net.state_dict()}, converter=CONVERTER)
+    keep_modes(net, model, {})
+    return net
