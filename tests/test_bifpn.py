@@ -443,3 +443,17 @@ def test_bifpn_inference_equals_its_grad_enabled_forward():
     reference = neck(feats)  # records gradients: the library kernels
     for got, expected in zip(fast, reference, strict=True):
         torch.testing.assert_close(got, expected.detach(), rtol=0, atol=0)
+
+
+def test_out_channels_is_the_name_and_channels_a_deprecated_alias():
+    maps = make_maps([3, 5], pyramid_sizes(8, 8, 2))
+    new = BiFPN([3, 5], out_channels=6, num_layers=1)
+    with pytest.warns(DeprecationWarning, match="out_channels"):
+        old = BiFPN([3, 5], channels=6, num_layers=1)
+    old.load_state_dict(new.state_dict())
+    torch.testing.assert_close(old.eval()(maps), new.eval()(maps))
+    assert new.out_channels == old.out_channels == 6
+    with pytest.raises(TypeError, match="both out_channels and its deprecated alias"):
+        BiFPN([3, 5], 6, channels=6)
+    with pytest.raises(TypeError, match="out_channels"):
+        BiFPN([3, 5])

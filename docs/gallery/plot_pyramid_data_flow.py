@@ -80,7 +80,7 @@ plt.show()
 # Three inputs (C3 to C5, as EfficientDet takes them), ``num_levels=5``: P6 and P7 are made
 # from C5 by a 1x1 convolution and stride-2 max-pools. One layer is drawn; ``num_layers``
 # repeats it. Each arrow into a node carries the weight that node gives it.
-bifpn = BiFPN({"c3": 128, "c4": 256, "c5": 512}, channels=64, num_layers=1, num_levels=5).eval()
+bifpn = BiFPN({"c3": 128, "c4": 256, "c5": 512}, out_channels=64, num_layers=1, num_levels=5).eval()
 inputs = {k: features[k] for k in ("c3", "c4", "c5")}
 with torch.no_grad():
     outputs = bifpn(inputs)
@@ -117,7 +117,7 @@ arrow(ax, (X_TD, 0), (X_OUT, 0))
 ax.set_xlim(-0.6, 3.2)
 ax.set_ylim(n - 0.4, -0.6)
 ax.set_axis_off()
-ax.set_title("BiFPN({'c3': 128, 'c4': 256, 'c5': 512}, channels=64, num_levels=5), one layer\n"
+ax.set_title("BiFPN({'c3': 128, 'c4': 256, 'c5': 512}, out_channels=64, num_levels=5), one layer\n"
              "top-down (red) then bottom-up (blue); numbers: each node's fusion weights",
              fontsize=9)
 plt.show()

@@ -9,12 +9,14 @@ unweighted sums of an FPN's top-down path (Lin et al. 2017) with learned, normal
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from dilconv._checks import (
     check_choice,
@@ -68,11 +70,22 @@ def _cpu_nchw(levels: Sequence[Tensor]) -> bool:
     oneDNN's convolutions take channels_last as they are. Converting the levels once at entry
     and the outputs back at exit makes EfficientDet-D0's BiFPN about 1.5x faster in training and
     inference; the caller still gets the memory format it gave. Levels already in channels_last,
-    CUDA tensors and compiled code (where Inductor picks layouts itself) are left as they are.
+    CUDA tensors and compiled code (where Inductor picks layouts itself) are left as they are,
+    and so is every call where the conversion cannot apply or would change what is recorded:
+    inside torch.func transforms (vmap, grad, jvp, jacrev: functorch cannot clone to a memory
+    format), while ``torch.jit.trace`` or ``torch.fx`` records the graph (a trace must not depend
+    on the inputs' layout).
     """
     if torch.compiler.is_compiling():  # checked first: the tests below would add guards
         return False
-    return all(x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous() for x in levels)
+    if torch.jit.is_tracing() or is_fx_tracing():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
+        return False
+    return all(
+        isinstance(x, Tensor) and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+        for x in levels
+    )
 
 
 def _to_channels_last(levels: Sequence[Tensor]) -> list[Tensor]:
@@ -206,19 +219,48 @@ class _ExtraLevel(nn.Module):
         return _max_pool_down(x, self.padding)
 
 
-def _new_level_keys(keys: list[str], count: int) -> list[str]:
-    """Keys of ``count`` new coarser levels: the last key's trailing number counted on
-    (``"c5"`` -> ``"c6"``, ``"c7"``), or ``"level{i}"`` with ``i`` the level's index."""
-    match = re.fullmatch(r"(.*?)(\d+)", keys[-1])
-    if match:
+def _out_channels(out_channels: int | None, channels: int | None) -> int:
+    """``out_channels``, or the deprecated ``channels`` keyword of dilconv 0.1 (with a warning)."""
+    if channels is not None:
+        if out_channels is not None:
+            raise TypeError("BiFPN got both out_channels and its deprecated alias channels")
+        warnings.warn(
+            "BiFPN(channels=...) is deprecated and will be removed in dilconv 0.3; pass "
+            "out_channels=... (torchvision's name, as FPNNeck takes it)",
+            DeprecationWarning, stacklevel=3,
+        )
+        out_channels = channels
+    if out_channels is None:
+        raise TypeError("BiFPN missing required argument: 'out_channels'")
+    return check_positive("out_channels", out_channels)
+
+
+def _new_level_keys(keys: Sequence[Hashable], count: int) -> list[Hashable]:
+    """Keys of ``count`` new coarser levels: for integer keys the last one counted on (``5`` ->
+    ``6``, ``7``); for strings the last key's trailing number counted on (``"c5"`` -> ``"c6"``,
+    ``"c7"``); otherwise ``"level{i}"`` with ``i`` the level's index."""
+    last = keys[-1]
+    new: list[Hashable]
+    match = re.fullmatch(r"(.*?)(\d+)", last) if isinstance(last, str) else None
+    if isinstance(last, int) and not isinstance(last, bool):
+        new = [last + k for k in range(1, count + 1)]
+    elif match:
         stem, number = match.group(1), int(match.group(2))
         new = [f"{stem}{number + k}" for k in range(1, count + 1)]
     else:
         new = [f"level{len(keys) + k}" for k in range(count)]
     taken = set(keys) & set(new)
     if taken:
-        raise ValueError(f"BiFPN's new level keys {new} collide with input keys {sorted(taken)}")
+        raise ValueError(
+            f"BiFPN's new level keys {new} collide with input keys {sorted(map(repr, taken))}"
+        )
     return new
+
+
+# torch.fx records these as calls rather than tracing into them: they compare sizes, which a
+# symbolic trace cannot branch on.
+torch.fx.wrap("_upsample_to")
+torch.fx.wrap("_downsample_to")
 
 
 class BiFPNLayer(nn.Module):
@@ -421,7 +463,10 @@ class BiFPN(nn.Module):
     Args:
         in_channels: channels of each input level, fine to coarse; at least 2 levels. A
             mapping name -> channels also fixes the names the input mapping must have.
-        channels: C, channels of every output level.
+        out_channels: C, channels of every output level (torchvision's name, as in
+            :class:`~dilconv.FPNNeck`).
+        channels: deprecated alias of ``out_channels`` (dilconv 0.1's name), kept for one
+            release; it warns.
         num_layers: number of stacked :class:`BiFPNLayer`.
         num_levels: levels the layers fuse, at least the number of inputs (the default);
             EfficientDet uses 5 (P3-P7) from 3 backbone levels (C3-C5).
@@ -452,7 +497,7 @@ class BiFPN(nn.Module):
     Example:
         >>> import torch
         >>> from dilconv import BiFPN
-        >>> neck = BiFPN([40, 112, 320], 64, num_layers=2, extra_level=True)
+        >>> neck = BiFPN([40, 112, 320], out_channels=64, num_layers=2, extra_level=True)
         >>> feats = {"c3": torch.randn(1, 40, 32, 40), "c4": torch.randn(1, 112, 16, 20),
         ...          "c5": torch.randn(1, 320, 8, 10)}
         >>> out = neck(feats)
@@ -468,9 +513,10 @@ class BiFPN(nn.Module):
     def __init__(
         self,
         in_channels: Sequence[int] | Mapping[str, int],
-        channels: int,
+        out_channels: int | None = None,
         num_layers: int = 3,
         *,
+        channels: int | None = None,
         num_levels: int | None = None,
         extra_level: bool = False,
         projection: str = "per_node",
@@ -486,7 +532,7 @@ class BiFPN(nn.Module):
     ) -> None:
         super().__init__()
         self.in_keys, self.in_channels = pyramid_channels(in_channels, min_levels=2)
-        check_positive("channels", channels)
+        channels = _out_channels(out_channels, channels)
         check_positive("num_layers", num_layers)
         check_choice("projection", projection, PROJECTIONS)
         check_choice("downsample_padding", downsample_padding, DOWNSAMPLE_PADDINGS)
