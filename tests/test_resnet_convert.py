@@ -220,3 +220,48 @@ def test_refuses_a_detection_body_without_layer4():
     body = resnet_fpn_backbone(backbone_name="resnet18", weights=None, returned_layers=[1, 2]).body
     with pytest.raises(ValueError, match="whole ResNet trunk"):
         DilatedResNet.from_torchvision(body)
+
+
+@pytest.mark.parametrize("head", ["deeplabv3", "fcn"])
+def test_return_layers_drop_into_torchvision_segmentation_models(head):
+    # torchvision's segmentation models read features["out"] (and "aux"); the converted,
+    # dilated backbone gives them, as IntermediateLayerGetter over the same ResNet does.
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+    from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    layers = {"layer4": "out", "layer3": "aux"}
+    ours = DilatedResNet.from_torchvision(tv, return_layers=layers)
+    theirs = IntermediateLayerGetter(tv, return_layers=layers)
+    make = (lambda b: DeepLabV3(b, DeepLabHead(2048, 3), FCNHead(1024, 3))) if head == "deeplabv3" \
+        else (lambda b: FCN(b, FCNHead(2048, 3), FCNHead(1024, 3)))
+    model_ours, model_theirs = make(ours).eval(), make(theirs).eval()
+    model_ours.classifier.load_state_dict(model_theirs.classifier.state_dict())
+    model_ours.aux_classifier.load_state_dict(model_theirs.aux_classifier.state_dict())
+    x = torch.randn(1, 3, 65, 47)
+    with torch.no_grad():
+        out, ref = model_ours(x), model_theirs(x)
+    assert list(out) == list(ref) == ["out", "aux"]
+    for key in ref:
+        assert out[key].shape == (1, 3, 65, 47)
+        torch.testing.assert_close(out[key], ref[key])
+
+
+def test_return_layers_order_and_errors():
+    net = DilatedResNet(planes=(4, 4, 4, 4), blocks=(1, 1, 1, 1), return_layers={"layer2": "b",
+                        "layer1": "a"})
+    out = net(torch.randn(1, 3, 32, 32))
+    assert list(out) == ["a", "b"]  # stage order, as IntermediateLayerGetter returns them
+    assert "return_layers" in repr(net)
+    with pytest.raises(ValueError, match="layer5"):
+        DilatedResNet(planes=(4, 4, 4, 4), blocks=(1, 1, 1, 1), return_layers={"layer5": "x"})
+    with pytest.raises(TypeError, match="mapping"):
+        DilatedResNet(planes=(4, 4, 4, 4), blocks=(1, 1, 1, 1), return_layers=["layer4"])
+
+
+def test_refusal_names_classes_by_module_path():
+    timm = pytest.importorskip("timm")
+    with pytest.raises(TypeError, match=r"timm\.models\.resnet\.ResNet"):
+        DilatedResNet.from_torchvision(timm.create_model("resnet18", pretrained=False))

@@ -7,7 +7,7 @@ and copies its state_dict unchanged (:mod:`dilconv.convert.torchvision_resnet`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -53,6 +53,25 @@ def _stage_plan(
         reduction *= stride
         plan.append((stride, tuple(d * (factor if i else previous) for i, d in enumerate(base))))
     return plan
+
+
+def _check_return_layers(
+    return_layers: Mapping[str, str] | None, num_stages: int
+) -> dict[str, str] | None:
+    if return_layers is None:
+        return None
+    if isinstance(return_layers, str) or not isinstance(return_layers, Mapping):
+        raise TypeError(
+            "return_layers must be a mapping stage name -> output name, as torchvision's "
+            f"IntermediateLayerGetter takes it, got {type(return_layers).__name__}"
+        )
+    stages = [f"layer{i}" for i in range(1, num_stages + 1)]
+    unknown = [name for name in return_layers if name not in stages]
+    if unknown or not return_layers:
+        raise ValueError(
+            f"return_layers must name some of the stages {stages}, got {dict(return_layers)}"
+        )
+    return {str(k): str(v) for k, v in return_layers.items()}
 
 
 def _block_dilations(
@@ -109,6 +128,12 @@ class DilatedResNet(nn.Module):
             bottleneck, ``bn2`` of a basic block), so that every block starts as
             ``relu(shortcut)`` (Goyal et al. 2017, section 5.1; torchvision's argument). Needs
             a norm with a weight.
+        return_layers: stage name -> output name, as torchvision's ``IntermediateLayerGetter``
+            takes it (``{"layer4": "out", "layer3": "aux"}``): ``forward`` then returns a dict
+            of those stages under those names, in stage order, and stops after the last one
+            asked for. So the backbone drops into torchvision's segmentation models
+            (``DeepLabV3``, ``FCN``), which read ``features["out"]`` and ``features["aux"]``.
+            ``None`` (default): the list of every stage.
 
     Attributes:
         out_channels: channels of each returned stage.
@@ -117,7 +142,8 @@ class DilatedResNet(nn.Module):
 
     Shape:
         input (N, in_channels, H, W) -> list of 4 maps (N, out_channels[i], H_i, W_i) with
-        ``H_i`` about ``H / reductions[i]`` (exactly ``ceil`` for stride-2 steps).
+        ``H_i`` about ``H / reductions[i]`` (exactly ``ceil`` for stride-2 steps); with
+        ``return_layers``, a dict output name -> the map of that stage.
 
     Example:
         >>> import torch
@@ -151,6 +177,7 @@ class DilatedResNet(nn.Module):
         norm_layer: NormLayer | None = nn.BatchNorm2d,
         act_layer: ActLayer | None = nn.ReLU,
         zero_init_residual: bool = False,
+        return_layers: Mapping[str, str] | None = None,
         device: Device = None,
         dtype: DType = None,
     ) -> None:
@@ -222,6 +249,7 @@ class DilatedResNet(nn.Module):
             self.reductions.append(reduction)
             self.stage_dilations.append(stage_dilations)
         self.num_stages = len(planes)
+        self.return_layers = _check_return_layers(return_layers, self.num_stages)
         self.reset_parameters()
 
     @property
@@ -279,19 +307,29 @@ class DilatedResNet(nn.Module):
         """Stem only: conv, norm, activation, optional max-pool."""
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def forward(self, x: Tensor) -> list[Tensor] | dict[str, Tensor]:
         check_feature_map(x, channels=self.in_channels, name=type(self).__name__)
-        features = []
         x = self.forward_stem(x)
-        for stage in self.stages:
+        if self.return_layers is None:
+            features = []
+            for stage in self.stages:
+                x = stage(x)
+                features.append(x)
+            return features
+        named: dict[str, Tensor] = {}
+        for index, stage in enumerate(self.stages, start=1):
+            if len(named) == len(self.return_layers):
+                break  # later stages are not asked for, as IntermediateLayerGetter drops them
             x = stage(x)
-            features.append(x)
-        return features
+            if f"layer{index}" in self.return_layers:
+                named[self.return_layers[f"layer{index}"]] = x
+        return named
 
     def extra_repr(self) -> str:
+        returns = "" if self.return_layers is None else f", return_layers={self.return_layers}"
         return (
             f"block={self.block!r}, out_channels={self.out_channels}, "
-            f"reductions={self.reductions}, output_stride={self.output_stride}"
+            f"reductions={self.reductions}, output_stride={self.output_stride}{returns}"
         )
 
     @classmethod
@@ -300,6 +338,7 @@ class DilatedResNet(nn.Module):
         model: nn.Module,
         output_stride: int | None = None,
         *,
+        return_layers: Mapping[str, str] | None = None,
         device: Device = None,
         dtype: DType = None,
     ) -> DilatedResNet:
@@ -322,6 +361,8 @@ class DilatedResNet(nn.Module):
                 stages as torchvision's ``replace_stride_with_dilation`` would for that output
                 stride (from any torchvision layout, dilated or not), also for ResNet-18/34,
                 whose ``BasicBlock`` torchvision cannot dilate.
+            return_layers: stage name -> output name (see the class), e.g.
+                ``{"layer4": "out", "layer3": "aux"}`` for torchvision's ``DeepLabV3``/``FCN``.
             device: where to build the result; by default where ``model``'s tensors are.
             dtype: floating dtype of the result; by default that of ``model``'s tensors.
 
@@ -353,4 +394,6 @@ class DilatedResNet(nn.Module):
         """
         from dilconv.convert.torchvision_resnet import resnet_from_torchvision
 
-        return resnet_from_torchvision(model, output_stride, device=device, dtype=dtype)
+        return resnet_from_torchvision(
+            model, output_stride, return_layers=return_layers, device=device, dtype=dtype
+        )

@@ -8,7 +8,7 @@ trunk's tensors one to one (the names are torchvision's; ``avgpool`` and ``fc`` 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypedDict, TypeVar
 
 from torch import nn
@@ -73,7 +73,8 @@ def _check_source(model: nn.Module) -> None:
     elif not isinstance(model, ResNet):
         raise TypeError(
             "from_torchvision expects a torchvision.models.ResNet (or a detection backbone's "
-            f"IntermediateLayerGetter over one), got {type(model).__name__}"
+            f"IntermediateLayerGetter over one), got "
+            f"{type(model).__module__}.{type(model).__qualname__}"
         )
 
 
@@ -167,6 +168,7 @@ def resnet_from_torchvision(
     model: nn.Module,
     output_stride: int | None = None,
     *,
+    return_layers: Mapping[str, str] | None = None,
     device: Device = None,
     dtype: DType = None,
 ) -> DilatedResNet:
@@ -193,7 +195,10 @@ def resnet_from_torchvision(
         layout["strides"] = TORCHVISION_STRIDES
         layout["dilations"] = [(1,) * n for n in layout["blocks"]]
     device, dtype = placement(model, device, dtype, converter=CONVERTER)
-    net = DilatedResNet(**layout, output_stride=output_stride, device=device, dtype=dtype)
+    net = DilatedResNet(
+        **layout, output_stride=output_stride, return_layers=return_layers, device=device,
+        dtype=dtype,
+    )
     # The trunk is the source: avgpool and fc, which a features-only backbone has no use for,
     # are the tensors left behind.
     trunk = nn.ModuleDict({name: model.get_submodule(name) for name in _TRUNK})
