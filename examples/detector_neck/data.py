@@ -15,18 +15,16 @@ import io
 import json
 import math
 from collections.abc import Callable, Sequence
-from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
+from examples.harness.canvases import SPLITS, canvas_rng, digit_rows, draw_canvas
 from examples.harness.checkpoint import atomic_write
 from examples.harness.data import SPLIT_SEED, DataError, limited
 
@@ -34,8 +32,6 @@ __all__ = [
     "CANVAS_CLASSES",
     "CocoDetectionData",
     "DigitsCanvas",
-    "digit_glyphs",
-    "ink_crop",
     "Target",
     "build_detection_datasets",
     "collate_detection",
@@ -48,27 +44,8 @@ Target = dict[str, Tensor]
 Transforms = Callable[[tv_tensors.Image, dict], tuple[tv_tensors.Image, dict]]
 
 CANVAS_CLASSES = ["__background__", *(str(digit) for digit in range(10))]
-_SPLITS = ("train", "val")
-_TRAIN_FRACTION = 0.8
-_PLACEMENT_TRIES = 50
 # COCO's own boxes overshoot the image edge by rounding now and then; they are clamped.
 _EDGE_TOLERANCE = 1.0
-
-
-@cache
-def digit_glyphs() -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 digits as (images (N, 8, 8) in [0, 1], labels (N,)), loaded once."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    return (torch.as_tensor(bunch.images, dtype=torch.float64) / 16.0,
-            torch.as_tensor(bunch.target, dtype=torch.int64))
-
-
-def ink_crop(glyph: Tensor) -> Tensor:
-    """The smallest rectangle of ``glyph`` (H, W) that holds all its non-zero pixels."""
-    rows, cols = glyph.any(1).nonzero()[:, 0], glyph.any(0).nonzero()[:, 0]
-    return glyph[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def _finish(image: Tensor, boxes: Tensor, labels: Tensor, transforms: Transforms | None
@@ -91,7 +68,9 @@ class DigitsCanvas(Dataset):
 
     Item ``i`` holds 1 to ``max_objects`` digits at random places, without overlap (one that
     finds no free place is left out), each scaled so its longer side is ``digit_size[0]`` to
-    ``digit_size[1]`` px, in a random bright colour. A box is tight around the digit's ink.
+    ``digit_size[1]`` px, in a random bright colour (the harness's
+    :func:`~examples.harness.canvases.draw_canvas`, which the segmentation canvases share). A
+    box is tight around the digit's ink.
     Everything is drawn from a generator seeded with ``(seed, split, i)``, so an item is the
     same on every call and in every process. The train split takes its digits from the first
     80% of ``load_digits()``, val from the last 20%.
@@ -116,20 +95,18 @@ class DigitsCanvas(Dataset):
                  canvas_size: tuple[int, int] = (128, 128), max_objects: int = 3,
                  digit_size: tuple[int, int] = (16, 48), noise: float = 0.02,
                  transforms: Transforms | None = None) -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if count < 0 or seed < 0 or max_objects < 1:
             raise ValueError(f"count and seed must be >= 0 and max_objects >= 1, got count="
                              f"{count}, seed={seed}, max_objects={max_objects}")
         if not 1 <= digit_size[0] <= digit_size[1] <= min(canvas_size):
             raise ValueError(f"digit_size must satisfy 1 <= min <= max <= min(canvas_size) = "
                              f"{min(canvas_size)}, got {digit_size}")
-        n_digits = len(digit_glyphs()[1])
-        n_train = int(_TRAIN_FRACTION * n_digits)
         self.split, self.count, self.seed = split, count, seed
         self.canvas_size, self.max_objects = canvas_size, max_objects
         self.digit_size, self.noise, self.transforms = digit_size, noise, transforms
-        self.digit_indices = range(n_train) if split == "train" else range(n_train, n_digits)
+        self.digit_indices = digit_rows(split)
 
     def __len__(self) -> int:
         return self.count
@@ -141,34 +118,11 @@ class DigitsCanvas(Dataset):
         return _finish(image, boxes, labels, self.transforms)
 
     def _render(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        glyphs, digits = digit_glyphs()
-        rng = np.random.default_rng((self.seed, _SPLITS.index(self.split), index))
-        height, width = self.canvas_size
-        image = (torch.from_numpy(rng.uniform(0.0, 0.2, (3, 1, 1)))
-                 + torch.from_numpy(rng.uniform(-self.noise, self.noise, (3, height, width))))
-        boxes: list[tuple[int, int, int, int]] = []
-        labels: list[int] = []
-        for _ in range(int(rng.integers(1, self.max_objects + 1))):
-            digit = self.digit_indices[int(rng.integers(len(self.digit_indices)))]
-            glyph = ink_crop(glyphs[digit])
-            scale = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1)) / max(glyph.shape)
-            h, w = (max(1, round(side * scale)) for side in glyph.shape)
-            for _ in range(_PLACEMENT_TRIES):
-                x, y = int(rng.integers(width - w + 1)), int(rng.integers(height - h + 1))
-                if all(x >= x2 or x + w <= x1 or y >= y2 or y + h <= y1
-                       for x1, y1, x2, y2 in boxes):
-                    break
-            else:
-                continue
-            alpha = F.interpolate(glyph[None, None], size=(h, w), mode="bilinear",
-                                  align_corners=False)[0]
-            colour = torch.from_numpy(rng.uniform(0.5, 1.0, (3, 1, 1)))
-            region = image[:, y:y + h, x:x + w]
-            image[:, y:y + h, x:x + w] = region * (1 - alpha) + colour * alpha
-            boxes.append((x, y, x + w, y + h))
-            labels.append(int(digits[digit]) + 1)
-        return (image.clamp_(0, 1).float(), torch.tensor(boxes, dtype=torch.float32),
-                torch.tensor(labels, dtype=torch.int64))
+        canvas = draw_canvas(canvas_rng(self.seed, self.split, index), self.canvas_size,
+                             self.digit_indices, self.max_objects, self.digit_size, self.noise)
+        boxes = torch.tensor([p.box for p in canvas.placements], dtype=torch.float32)
+        labels = torch.tensor([p.label for p in canvas.placements], dtype=torch.int64)
+        return canvas.image, boxes.reshape(-1, 4), labels
 
 
 def write_coco(dataset: Dataset, root: Path, split: str, *,
