@@ -1,10 +1,11 @@
 """Log-average miss rate (MR^-2), the score of the pedestrian benchmarks (lower is better).
 
-Caltech Pedestrians (Dollár et al., PAMI 2012, sec. 3.2) and CityPersons (Zhang et al., CVPR
-2017) rank detectors by the miss rate averaged in log space at nine false-positives-per-image
+Caltech Pedestrians (Dollár et al., PAMI 2012) and CityPersons (Zhang et al., CVPR 2017) rank
+detectors by the miss rate averaged in log space at nine false-positives-per-image
 (FPPI) points evenly spaced in log space over [1e-2, 1e0]. The definitions here follow the
 Caltech toolbox's ``bbGt`` (``evalRes``: matching; ``compRoc``: the curve and its reference
-points) and ``dbEval`` (the log average):
+points) and ``dbEval`` (the log average) as their MATLAB source reads; that code is not run
+here, so ``tests/test_miss_rate.py`` pins the definition with cases worked by hand:
 
 - matching, per image and class (:func:`match_detections`): detections, highest score first,
   take the unmatched ground-truth box they overlap most with IoU >= 0.5; boxes marked ignore
