@@ -149,3 +149,25 @@ def test_the_detection_evaluator_reports_the_persons_miss_rate():
     result = scores.compute(Dist(0, 1, 0, torch.device("cpu")))
     assert result["mr2"] == 1.0 and result["mr2_label"] == 2
     assert result["map50"] == pytest.approx(0.5)  # the car's AP 1, the person's 0
+
+
+def test_update_reads_nothing_from_the_device(monkeypatch):
+    # A host read is a GPU sync; the matching waits for compute().
+    reads = []
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name):
+            reads.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    metric = MissRate(label=None)
+    target = {"boxes": torch.tensor([_box(0, 0, 10, 10)]), "labels": torch.tensor([1]),
+              "iscrowd": torch.tensor([0])}
+    pred = {"boxes": torch.tensor([_box(0, 0, 10, 10)]), "scores": torch.tensor([0.9]),
+            "labels": torch.tensor([1])}
+    metric.update([pred, pred], [target, target])
+    assert reads == []
+    monkeypatch.undo()
+    assert float(metric.compute()) == pytest.approx(1e-10)

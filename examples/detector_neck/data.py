@@ -2,7 +2,8 @@
 
 Both data sets give ``(image, target)`` in the format torchvision's detection models take: a
 float RGB tensor in [0, 1] of shape (3, H, W) and ``{"boxes": float32 (K, 4) in pixels, XYXY,
-"labels": int64 (K,)}``, plain tensors. Label 0 is SSD's background; ``classes[0]`` is
+"labels": int64 (K,)}``, plain tensors (COCO evaluation targets add ``"iscrowd"`` and
+``"area"``, see :class:`CocoDetectionData`). Label 0 is SSD's background; ``classes[0]`` is
 ``"__background__"``. The same :func:`detection_transforms` move the boxes with the image on
 both paths. A data set that cannot be used raises the harness's :class:`DataError`, whose
 message names the file.
@@ -60,7 +61,7 @@ def _finish(image: Tensor, boxes: Tensor, labels: Tensor, transforms: Transforms
                                                 canvas_size=tuple(image.shape[-2:])),
               "labels": labels, **(marks or {})}
     pixels = image.shape[-2] * image.shape[-1]
-    out, target = (tv_tensors.Image(image), target)
+    out = tv_tensors.Image(image)
     if transforms is not None:
         out, target = transforms(out, target)
     plain = {key: value.as_subclass(Tensor) for key, value in target.items()}

@@ -122,6 +122,9 @@ def log_average_miss_rate(scores: Tensor, hits: Tensor, num_ground_truth: int,
 class MissRate(Metric):
     """MR^-2 over a pass, as a ``torchmetrics`` metric (its states gather over ranks).
 
+    :meth:`update` only stores the batch's tensors on their device (no host sync, as the
+    harness's other figures); :meth:`compute` matches and scores them.
+
     Args:
         label: the class scored; ``None`` pools every class (each detection is matched only
             to boxes of its own class; misses and false positives of all classes add up).
@@ -133,39 +136,52 @@ class MissRate(Metric):
     """
 
     full_state_update = False
+    _STATES = ("det_boxes", "det_scores", "det_labels", "det_counts", "gt_boxes", "gt_labels",
+               "gt_crowd", "gt_counts")
 
     def __init__(self, label: int | None = None, threshold: float = 0.5) -> None:
         super().__init__()
         self.label = label
         self.threshold = threshold
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("hits", default=[], dist_reduce_fx="cat")
-        self.add_state("ground_truth", default=torch.zeros((), dtype=torch.int64),
-                       dist_reduce_fx="sum")
-        self.add_state("images", default=torch.zeros((), dtype=torch.int64),
-                       dist_reduce_fx="sum")
+        for name in self._STATES:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
                ) -> None:
         for pred, target in zip(preds, targets, strict=True):
-            pred = {k: v.detach().cpu() for k, v in pred.items()}
-            target = {k: v.detach().cpu() for k, v in target.items()}
-            crowd = target.get("iscrowd", torch.zeros_like(target["labels"])).bool()
-            labels = ([self.label] if self.label is not None
-                      else torch.cat([pred["labels"], target["labels"]]).unique().tolist())
-            for label in labels:
-                mine, theirs = pred["labels"] == label, target["labels"] == label
-                found = match_detections(pred["boxes"][mine], pred["scores"][mine],
-                                         target["boxes"][theirs], crowd[theirs], self.threshold)
-                kept = found >= 0
-                self.scores.append(pred["scores"][mine][kept].double().to(self.device))
-                self.hits.append(found[kept].to(self.device))
-                self.ground_truth += int((~crowd[theirs]).sum())
-            self.images += 1
+            crowd = target.get("iscrowd", torch.zeros_like(target["labels"]))
+            self.det_boxes.append(pred["boxes"].detach().float().reshape(-1, 4))
+            self.det_scores.append(pred["scores"].detach().double())
+            self.det_labels.append(pred["labels"].detach())
+            self.det_counts.append(torch.tensor([len(pred["boxes"])], device=self.device))
+            self.gt_boxes.append(target["boxes"].detach().float().reshape(-1, 4))
+            self.gt_labels.append(target["labels"].detach())
+            self.gt_crowd.append(crowd.detach().bool())
+            self.gt_counts.append(torch.tensor([len(target["boxes"])], device=self.device))
 
     def compute(self) -> Tensor:
-        scores = dim_zero_cat(self.scores) if self.scores else torch.zeros(0)
-        hits = dim_zero_cat(self.hits) if self.hits else torch.zeros(0, dtype=torch.int64)
-        value = log_average_miss_rate(scores.cpu(), hits.cpu(), int(self.ground_truth),
-                                      int(self.images))
+        states = {name: dim_zero_cat(getattr(self, name)).cpu() if getattr(self, name)
+                  else torch.zeros(0) for name in self._STATES}
+        if not len(states["det_counts"]):
+            return torch.tensor(-1.0, dtype=torch.float64)
+        dets = [part.split(states["det_counts"].tolist())
+                for part in (states["det_boxes"].reshape(-1, 4), states["det_scores"],
+                             states["det_labels"])]
+        truth = [part.split(states["gt_counts"].tolist())
+                 for part in (states["gt_boxes"].reshape(-1, 4), states["gt_labels"],
+                              states["gt_crowd"].bool())]
+        scores, hits, ground_truth = [torch.zeros(0, dtype=torch.float64)], [], 0
+        for boxes, score, label, gt_boxes, gt_label, crowd in zip(*dets, *truth, strict=True):
+            labels = ([self.label] if self.label is not None
+                      else torch.cat([label, gt_label]).unique().tolist())
+            for k in labels:
+                mine, theirs = label == k, gt_label == k
+                found = match_detections(boxes[mine], score[mine], gt_boxes[theirs],
+                                         crowd[theirs], self.threshold)
+                scores.append(score[mine][found >= 0])
+                hits.append(found[found >= 0])
+                ground_truth += int((~crowd[theirs]).sum())
+        hit = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.int64)
+        value = log_average_miss_rate(torch.cat(scores), hit, ground_truth,
+                                      len(states["det_counts"]))
         return torch.tensor(value, dtype=torch.float64)
