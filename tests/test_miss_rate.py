@@ -171,3 +171,29 @@ def test_update_reads_nothing_from_the_device(monkeypatch):
     assert reads == []
     monkeypatch.undo()
     assert float(metric.compute()) == pytest.approx(1e-10)
+
+
+def test_states_gathered_from_two_ranks_give_the_one_process_figure():
+    # torchmetrics' sync concatenates each state in rank order, leaving a tensor per state.
+    from torchmetrics.utilities import dim_zero_cat
+
+    gen = torch.Generator().manual_seed(0)
+
+    def image() -> tuple[dict, dict]:
+        xy = torch.randint(0, 80, (6, 2), generator=gen).float()
+        boxes = torch.cat([xy, xy + 20], 1)
+        target = {"boxes": boxes[:4], "labels": torch.tensor([1, 2, 1, 1]),
+                  "iscrowd": torch.tensor([0, 0, 0, 1])}
+        pred = {"boxes": boxes + torch.randint(-4, 5, (6, 4), generator=gen),
+                "scores": torch.rand(6, generator=gen), "labels": torch.tensor([1, 2] * 3)}
+        return pred, target
+
+    samples = [image() for _ in range(7)]
+    whole, ranks = MissRate(label=1), [MissRate(label=1), MissRate(label=1)]
+    for k, (pred, target) in enumerate(samples):
+        whole.update([pred], [target])
+        ranks[k % 2].update([pred], [target])
+    for name in MissRate._STATES:
+        setattr(ranks[0], name, torch.cat([dim_zero_cat(getattr(r, name)) for r in ranks]))
+    assert 0.0 < float(whole.compute()) < 1.0
+    assert float(ranks[0].compute()) == pytest.approx(float(whole.compute()))

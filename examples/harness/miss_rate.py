@@ -119,6 +119,13 @@ def log_average_miss_rate(scores: Tensor, hits: Tensor, num_ground_truth: int,
     return math.exp(float(miss.clamp(min=_FLOOR).log().mean()))
 
 
+def _joined(state: list[Tensor] | Tensor) -> Tensor:
+    """A state on the host: a list of this rank's tensors, or one tensor once ranks synced."""
+    if isinstance(state, Tensor):
+        return state.cpu()
+    return dim_zero_cat(state).cpu() if state else torch.zeros(0)
+
+
 class MissRate(Metric):
     """MR^-2 over a pass, as a ``torchmetrics`` metric (its states gather over ranks).
 
@@ -160,8 +167,7 @@ class MissRate(Metric):
             self.gt_counts.append(torch.tensor([len(target["boxes"])], device=self.device))
 
     def compute(self) -> Tensor:
-        states = {name: dim_zero_cat(getattr(self, name)).cpu() if getattr(self, name)
-                  else torch.zeros(0) for name in self._STATES}
+        states = {name: _joined(getattr(self, name)) for name in self._STATES}
         if not len(states["det_counts"]):
             return torch.tensor(-1.0, dtype=torch.float64)
         dets = [part.split(states["det_counts"].tolist())
