@@ -274,7 +274,11 @@ def test_build_detection_datasets(tmp_path):
         write_coco(_canvas(split, 2), tmp_path, split)
     train, val, classes = build_detection_datasets("coco", tmp_path, size, limit=None, seed=0)
     assert (len(train), len(val), classes) == (2, 2, CANVAS_CLASSES)
-    assert val[1][0].shape == (3, *size)
+    # train is resized for batching; val keeps the file's size (the detector resizes it and
+    # answers in its coordinates) and carries COCO's crowd marks and areas
+    assert train[1][0].shape == (3, *size) and set(train[1][1]) == {"boxes", "labels"}
+    assert val[1][0].shape == (3, *CANVAS)
+    assert set(val[1][1]) == {"boxes", "labels", "iscrowd", "area"}
 
 
 def test_build_detection_datasets_errors(tmp_path):

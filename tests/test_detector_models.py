@@ -10,7 +10,9 @@ import torchvision
 from examples.detector_neck.models import NECKS, backbone_levels, build_ssd
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.ops import clip_boxes_to_image
 
 B0 = {"c3": 40, "c4": 112, "c5": 320}
 
@@ -98,6 +100,34 @@ def test_ssd_train_and_eval_steps(neck):
         assert (det["labels"] >= 1).all() and (det["labels"] < 4).all()
     levels = 5 if neck == "bifpn" else 3
     assert len(model.anchor_generator.aspect_ratios) == levels
+
+
+@pytest.mark.parametrize("image_shape", [(64, 96), (80, 72)])
+def test_ssd_sees_its_height_and_width_and_answers_in_image_coordinates(image_shape):
+    # The model's size is (H, W) = (64, 96); torchvision's SSD wants (W, H). With the head at
+    # zero every detection is a default box, so the boxes show which grid the model used.
+    size = (64, 96)
+    torch.manual_seed(0)
+    model = build_ssd("fpn_bilinear", 2, size, "efficientnet_tiny").eval()
+    for parameter in model.head.parameters():
+        torch.nn.init.zeros_(parameter)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2:]))
+    image = torch.rand(3, *image_shape)
+    with torch.no_grad():
+        (detection,) = model([image])
+        resized = torch.rand(1, 3, *size)
+        levels = list(model.backbone(resized).values())
+        anchors = model.anchor_generator(ImageList(resized, [size]), levels)[0]
+    assert tuple(seen[0]) == size
+    expected = clip_boxes_to_image(anchors, size)
+    scale = torch.tensor([image_shape[1] / size[1], image_shape[0] / size[0]]).repeat(2)
+    boxes = detection["boxes"]
+    assert len(boxes) > 10
+    distance = (boxes[:, None] - expected * scale).abs().amax(-1)
+    assert distance.min(1).values.max() < 1e-3
+    assert (boxes[:, 2] <= image_shape[1] + 1e-4).all()
+    assert (boxes[:, 3] <= image_shape[0] + 1e-4).all()
 
 
 def test_bad_arguments_are_refused():

@@ -2,7 +2,8 @@
 
 Both data sets give ``(image, target)`` in the format torchvision's detection models take: a
 float RGB tensor in [0, 1] of shape (3, H, W) and ``{"boxes": float32 (K, 4) in pixels, XYXY,
-"labels": int64 (K,)}``, plain tensors. Label 0 is SSD's background; ``classes[0]`` is
+"labels": int64 (K,)}``, plain tensors (COCO evaluation targets add ``"iscrowd"`` and
+``"area"``, see :class:`CocoDetectionData`). Label 0 is SSD's background; ``classes[0]`` is
 ``"__background__"``. The same :func:`detection_transforms` move the boxes with the image on
 both paths. A data set that cannot be used raises the harness's :class:`DataError`, whose
 message names the file.
@@ -15,18 +16,17 @@ import io
 import json
 import math
 from collections.abc import Callable, Sequence
-from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
+from examples.harness.canvases import SPLITS, canvas_rng, digit_rows, draw_canvas
 from examples.harness.checkpoint import atomic_write
 from examples.harness.data import SPLIT_SEED, DataError, limited
 
@@ -34,8 +34,6 @@ __all__ = [
     "CANVAS_CLASSES",
     "CocoDetectionData",
     "DigitsCanvas",
-    "digit_glyphs",
-    "ink_crop",
     "Target",
     "build_detection_datasets",
     "collate_detection",
@@ -48,42 +46,30 @@ Target = dict[str, Tensor]
 Transforms = Callable[[tv_tensors.Image, dict], tuple[tv_tensors.Image, dict]]
 
 CANVAS_CLASSES = ["__background__", *(str(digit) for digit in range(10))]
-_SPLITS = ("train", "val")
-_TRAIN_FRACTION = 0.8
-_PLACEMENT_TRIES = 50
 # COCO's own boxes overshoot the image edge by rounding now and then; they are clamped.
 _EDGE_TOLERANCE = 1.0
 
 
-@cache
-def digit_glyphs() -> tuple[Tensor, Tensor]:
-    """scikit-learn's 1,797 digits as (images (N, 8, 8) in [0, 1], labels (N,)), loaded once."""
-    from sklearn.datasets import load_digits
+def _finish(image: Tensor, boxes: Tensor, labels: Tensor, transforms: Transforms | None,
+            marks: Target | None = None) -> tuple[Tensor, Target]:
+    """Run ``transforms`` on the image with its boxes; return plain float tensors.
 
-    bunch = load_digits()
-    return (torch.as_tensor(bunch.images, dtype=torch.float64) / 16.0,
-            torch.as_tensor(bunch.target, dtype=torch.int64))
-
-
-def ink_crop(glyph: Tensor) -> Tensor:
-    """The smallest rectangle of ``glyph`` (H, W) that holds all its non-zero pixels."""
-    rows, cols = glyph.any(1).nonzero()[:, 0], glyph.any(0).nonzero()[:, 0]
-    return glyph[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-
-
-def _finish(image: Tensor, boxes: Tensor, labels: Tensor, transforms: Transforms | None
-            ) -> tuple[Tensor, Target]:
-    """Run ``transforms`` on the image with its boxes; return plain float tensors."""
-    sample = (tv_tensors.Image(image),
-              {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY",
-                                                 canvas_size=tuple(image.shape[-2:])),
-               "labels": labels})
+    ``marks`` are more per-box tensors (``iscrowd``, ``area``) that travel with the boxes; an
+    ``area`` is scaled by the change in the image's pixel count (a resize scales every area so).
+    """
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY",
+                                                canvas_size=tuple(image.shape[-2:])),
+              "labels": labels, **(marks or {})}
+    pixels = image.shape[-2] * image.shape[-1]
+    out = tv_tensors.Image(image)
     if transforms is not None:
-        sample = transforms(*sample)
-    out, target = sample
+        out, target = transforms(out, target)
+    plain = {key: value.as_subclass(Tensor) for key, value in target.items()}
+    plain["boxes"] = plain["boxes"].float()
+    if "area" in plain:
+        plain["area"] = plain["area"] * (out.shape[-2] * out.shape[-1] / pixels)
     out = v2.functional.to_dtype(out, torch.float32, scale=True)
-    return out.as_subclass(Tensor), {"boxes": target["boxes"].as_subclass(Tensor).float(),
-                                     "labels": target["labels"]}
+    return out.as_subclass(Tensor), plain
 
 
 class DigitsCanvas(Dataset):
@@ -91,7 +77,9 @@ class DigitsCanvas(Dataset):
 
     Item ``i`` holds 1 to ``max_objects`` digits at random places, without overlap (one that
     finds no free place is left out), each scaled so its longer side is ``digit_size[0]`` to
-    ``digit_size[1]`` px, in a random bright colour. A box is tight around the digit's ink.
+    ``digit_size[1]`` px, in a random bright colour (the harness's
+    :func:`~examples.harness.canvases.draw_canvas`, which the segmentation canvases share). A
+    box is tight around the digit's ink.
     Everything is drawn from a generator seeded with ``(seed, split, i)``, so an item is the
     same on every call and in every process. The train split takes its digits from the first
     80% of ``load_digits()``, val from the last 20%.
@@ -116,20 +104,18 @@ class DigitsCanvas(Dataset):
                  canvas_size: tuple[int, int] = (128, 128), max_objects: int = 3,
                  digit_size: tuple[int, int] = (16, 48), noise: float = 0.02,
                  transforms: Transforms | None = None) -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if count < 0 or seed < 0 or max_objects < 1:
             raise ValueError(f"count and seed must be >= 0 and max_objects >= 1, got count="
                              f"{count}, seed={seed}, max_objects={max_objects}")
         if not 1 <= digit_size[0] <= digit_size[1] <= min(canvas_size):
             raise ValueError(f"digit_size must satisfy 1 <= min <= max <= min(canvas_size) = "
                              f"{min(canvas_size)}, got {digit_size}")
-        n_digits = len(digit_glyphs()[1])
-        n_train = int(_TRAIN_FRACTION * n_digits)
         self.split, self.count, self.seed = split, count, seed
         self.canvas_size, self.max_objects = canvas_size, max_objects
         self.digit_size, self.noise, self.transforms = digit_size, noise, transforms
-        self.digit_indices = range(n_train) if split == "train" else range(n_train, n_digits)
+        self.digit_indices = digit_rows(split)
 
     def __len__(self) -> int:
         return self.count
@@ -141,34 +127,11 @@ class DigitsCanvas(Dataset):
         return _finish(image, boxes, labels, self.transforms)
 
     def _render(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        glyphs, digits = digit_glyphs()
-        rng = np.random.default_rng((self.seed, _SPLITS.index(self.split), index))
-        height, width = self.canvas_size
-        image = (torch.from_numpy(rng.uniform(0.0, 0.2, (3, 1, 1)))
-                 + torch.from_numpy(rng.uniform(-self.noise, self.noise, (3, height, width))))
-        boxes: list[tuple[int, int, int, int]] = []
-        labels: list[int] = []
-        for _ in range(int(rng.integers(1, self.max_objects + 1))):
-            digit = self.digit_indices[int(rng.integers(len(self.digit_indices)))]
-            glyph = ink_crop(glyphs[digit])
-            scale = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1)) / max(glyph.shape)
-            h, w = (max(1, round(side * scale)) for side in glyph.shape)
-            for _ in range(_PLACEMENT_TRIES):
-                x, y = int(rng.integers(width - w + 1)), int(rng.integers(height - h + 1))
-                if all(x >= x2 or x + w <= x1 or y >= y2 or y + h <= y1
-                       for x1, y1, x2, y2 in boxes):
-                    break
-            else:
-                continue
-            alpha = F.interpolate(glyph[None, None], size=(h, w), mode="bilinear",
-                                  align_corners=False)[0]
-            colour = torch.from_numpy(rng.uniform(0.5, 1.0, (3, 1, 1)))
-            region = image[:, y:y + h, x:x + w]
-            image[:, y:y + h, x:x + w] = region * (1 - alpha) + colour * alpha
-            boxes.append((x, y, x + w, y + h))
-            labels.append(int(digits[digit]) + 1)
-        return (image.clamp_(0, 1).float(), torch.tensor(boxes, dtype=torch.float32),
-                torch.tensor(labels, dtype=torch.int64))
+        canvas = draw_canvas(canvas_rng(self.seed, self.split, index), self.canvas_size,
+                             self.digit_indices, self.max_objects, self.digit_size, self.noise)
+        boxes = torch.tensor([p.box for p in canvas.placements], dtype=torch.float32)
+        labels = torch.tensor([p.label for p in canvas.placements], dtype=torch.int64)
+        return canvas.image, boxes.reshape(-1, 4), labels
 
 
 def write_coco(dataset: Dataset, root: Path, split: str, *,
@@ -242,16 +205,26 @@ def _check_coco(data: dict, ann_file: Path, image_dir: Path) -> list[str]:
 
 
 class CocoDetectionData(Dataset):
-    """A COCO-format folder through torchvision's ``CocoDetection`` and its v2 wrapper.
+    """A COCO-format folder read through torchvision's ``CocoDetection``.
 
     Reads ``root/{split}/`` and ``root/annotations/instances_{split}.json``, which is vetted
     up front: every listed image exists; every box has positive width and height and lies in
     its image. Category ids become contiguous labels ``1..K`` in the order of the ids.
 
+    Crowd regions (``iscrowd: 1``, one box over many objects) are used as COCO defines them:
+    with ``crowds=False`` (training) they are left out of the targets; with ``crowds=True``
+    (evaluation) they stay, marked, and every target also carries ``iscrowd`` (int64 (K,)) and
+    ``area`` (float32 (K,): the file's area, scaled with the image when ``transforms`` resize
+    it; 0 where the file gives none, and the evaluator then takes the box's area), which
+    :class:`~examples.harness.tasks.DetectionTask` passes on so that a detection on a crowd
+    region is neither a hit nor a false positive and the small / medium / large ranges use
+    COCO's areas.
+
     Args:
         root: folder with ``{split}/`` and ``annotations/``.
         split: ``"train"``, ``"val"`` or any name that has a folder and an annotation file.
-        transforms: applied to ``(tv_tensors.Image, {"boxes": BoundingBoxes, "labels"})``.
+        transforms: applied to ``(tv_tensors.Image, {"boxes": BoundingBoxes, "labels", ...})``.
+        crowds: keep crowd regions, marked (evaluation), or leave them out (training).
 
     Attributes:
         classes: ``["__background__", *category names]``.
@@ -259,9 +232,11 @@ class CocoDetectionData(Dataset):
 
     Shape:
         item -> image (3, H, W) float32 in [0, 1], boxes (K, 4) float32, labels (K,) int64
+        (and with ``crowds``: iscrowd (K,) int64, area (K,) float32)
     """
 
-    def __init__(self, root: Path, split: str, transforms: Transforms | None = None) -> None:
+    def __init__(self, root: Path, split: str, transforms: Transforms | None = None, *,
+                 crowds: bool = True) -> None:
         root = Path(root)
         self.image_dir = root / split
         ann_file = root / "annotations" / f"instances_{split}.json"
@@ -283,51 +258,71 @@ class CocoDetectionData(Dataset):
         self._label_of = torch.zeros(max(self.category_ids) + 1, dtype=torch.int64)
         self._label_of[self.category_ids[1:]] = torch.arange(1, len(self.category_ids))
         self._coco = coco
-        self._dataset = datasets.wrap_dataset_for_transforms_v2(
-            coco, target_keys=("boxes", "labels", "image_id"))
+        self.crowds = crowds
         self.transforms = transforms
 
     def __len__(self) -> int:
-        return len(self._dataset)
+        return len(self._coco)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        path = self.image_dir / self._coco.coco.imgs[self._coco.ids[index]]["file_name"]
+        image_id = self._coco.ids[index]
+        path = self.image_dir / self._coco.coco.imgs[image_id]["file_name"]
         try:
-            image, target = self._dataset[index]
+            with Image.open(path) as image:
+                pixels = v2.functional.pil_to_tensor(image.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
-        pixels = v2.functional.pil_to_tensor(image)
-        if "boxes" in target:
-            boxes = v2.functional.clamp_bounding_boxes(target["boxes"]).as_subclass(Tensor)
-            labels = self._label_of[target["labels"]]
-        else:  # the wrapper returns only image_id for an image without annotations
-            boxes, labels = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
-        return _finish(pixels, boxes.float(), labels, self.transforms)
+        annotations = [ann for ann in self._coco.coco.imgToAnns[image_id]
+                       if self.crowds or not ann.get("iscrowd", 0)]
+        xywh = torch.tensor([ann["bbox"] for ann in annotations],
+                            dtype=torch.float64).reshape(-1, 4)
+        boxes = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                                         format="XYXY", canvas_size=tuple(pixels.shape[-2:]))
+        boxes = v2.functional.clamp_bounding_boxes(boxes).as_subclass(Tensor).float()
+        labels = self._label_of[[ann["category_id"] for ann in annotations]]
+        marks = None
+        if self.crowds:
+            marks = {"iscrowd": torch.tensor([int(ann.get("iscrowd", 0)) for ann in annotations],
+                                             dtype=torch.int64),
+                     "area": torch.tensor([float(ann.get("area", 0.0)) for ann in annotations],
+                                          dtype=torch.float32)}
+        return _finish(pixels, boxes, labels.reshape(-1), self.transforms, marks)
 
 
-def load_coco(root: Path, split: str, transforms: Transforms | None = None) -> CocoDetectionData:
+def load_coco(root: Path, split: str, transforms: Transforms | None = None, *,
+              crowds: bool = True) -> CocoDetectionData:
     """``ROOT/{split}/`` with ``ROOT/annotations/instances_{split}.json``; see
     :class:`CocoDetectionData`."""
-    return CocoDetectionData(root, split, transforms)
+    return CocoDetectionData(root, split, transforms, crowds=crowds)
 
 
-def detection_transforms(image_size: tuple[int, int], *, train: bool, flip_p: float = 0.5,
-                         photometric_p: float = 0.5) -> v2.Compose:
+def _per_box(sample: tuple[tv_tensors.Image, Target]) -> tuple[Tensor, ...]:
+    """The per-box tensors of a target, which ``SanitizeBoundingBoxes`` filters with the boxes."""
+    return tuple(sample[1][key] for key in ("labels", "iscrowd", "area") if key in sample[1])
+
+
+def detection_transforms(image_size: tuple[int, int] | None, *, train: bool,
+                         flip_p: float = 0.5, photometric_p: float = 0.5) -> v2.Compose:
     """torchvision v2 transforms that move boxes with the image.
 
     Train: ``RandomPhotometricDistort(p=photometric_p)``, ``RandomHorizontalFlip(flip_p)``,
     ``Resize(image_size)``, ``ToDtype(float32, scale=True)``, ``SanitizeBoundingBoxes`` (drops
-    boxes that shrank below 1 px). Val: ``Resize`` and ``ToDtype`` only.
+    boxes that shrank below 1 px, with their labels and marks). Val: ``Resize`` and ``ToDtype``
+    only.
 
     Args:
-        image_size: (H, W) of the output image.
+        image_size: (H, W) of the output image; ``None`` keeps each image's size (the detector
+            resizes it itself and answers in the image's own coordinates).
         train: whether to augment.
         flip_p: probability of the horizontal flip (train only).
         photometric_p: probability of each photometric distortion (train only).
     """
     augment = [v2.RandomPhotometricDistort(p=photometric_p), v2.RandomHorizontalFlip(flip_p)]
-    steps = [v2.Resize(tuple(image_size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
-    return v2.Compose([*augment, *steps, v2.SanitizeBoundingBoxes()] if train else steps)
+    resize = [] if image_size is None else [v2.Resize(tuple(image_size), antialias=True)]
+    steps = [*resize, v2.ToDtype(torch.float32, scale=True)]
+    if not train:
+        return v2.Compose(steps)
+    return v2.Compose([*augment, *steps, v2.SanitizeBoundingBoxes(labels_getter=_per_box)])
 
 
 def collate_detection(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:
@@ -342,8 +337,11 @@ def build_detection_datasets(dataset: str, data: Path | None, image_size: tuple[
 
     ``"digits-canvas"`` needs no ``data``: ``train_count`` train canvases drawn with ``seed`` and
     ``val_count`` val canvases drawn with :data:`SPLIT_SEED`, so every run is scored on the same
-    images. ``"coco"`` reads ``data/{train,val}/`` and ``data/annotations/``. ``limit`` keeps N
-    items of each split, drawn with :data:`SPLIT_SEED`.
+    images. ``"coco"`` reads ``data/{train,val}/`` and ``data/annotations/``: train without
+    its crowd regions, resized to ``image_size``; val with them, marked, at each image's own
+    size, so that the detector's boxes (it resizes to ``image_size`` itself and maps its boxes
+    back) are scored in the annotation file's coordinates and areas, as ``COCOeval`` scores
+    them. ``limit`` keeps N items of each split, drawn with :data:`SPLIT_SEED`.
     """
     train_tf = detection_transforms(image_size, train=True)
     val_tf = detection_transforms(image_size, train=False)
@@ -357,7 +355,8 @@ def build_detection_datasets(dataset: str, data: Path | None, image_size: tuple[
         if not Path(data).is_dir():
             raise DataError(f"COCO root {data} does not exist or is not a folder; expected ROOT/"
                             "train/, ROOT/val/ and ROOT/annotations/instances_{train,val}.json")
-        coco_train, coco_val = load_coco(data, "train", train_tf), load_coco(data, "val", val_tf)
+        coco_train = load_coco(data, "train", train_tf, crowds=False)
+        coco_val = load_coco(data, "val", detection_transforms(None, train=False), crowds=True)
         if coco_train.classes != coco_val.classes:
             raise DataError(f"{data}: train has categories {coco_train.classes[1:]} but val has "
                             f"{coco_val.classes[1:]}; they must match")

@@ -3,8 +3,8 @@
 :func:`run` prints the study's EfficientNet-b4 level table beside the real network's at 512 x 640
 (SPEC 3.2: the seed halves every level, but b4's 112/160 and 272/448 stages share a stride, so
 the neck takes the deepest feature of each stride), trains an SSD with each of the study's four
-necks on digit canvases and prints parameters and mAP@0.5 side by side, and draws the predicted
-boxes of the best of them on a few test canvases.
+necks on digit canvases and prints parameters, mAP@0.5 and MR^-2 side by side, and draws the
+predicted boxes of the best of them on a few test canvases.
 """
 
 from __future__ import annotations
@@ -107,12 +107,13 @@ def run(out: Path, *, epochs: int = 10, limit: int = 256, image_size: int = 64,
                      "neck_parameters": sum(p.numel() for p in model.backbone.neck.parameters()),
                      "levels": len(model.anchor_generator.aspect_ratios),
                      "map50": metrics["final"]["best_map50"], "map": metrics["final"]["map"],
+                     "mr2": metrics["final"]["mr2"],
                      "seconds": time.perf_counter() - start})
     print(f"{'neck':<16}{'levels':>7}{'neck params':>13}{'all params':>12}{'mAP@0.5':>9}"
-          f"{'mAP':>7}{'seconds':>9}")
+          f"{'mAP':>7}{'MR-2':>7}{'seconds':>9}")
     for r in rows:
         print(f"{r['neck']:<16}{r['levels']:>7}{r['neck_parameters']:>13,}{r['parameters']:>12,}"
-              f"{r['map50']:>9.3f}{r['map']:>7.3f}{r['seconds']:>9.1f}")
+              f"{r['map50']:>9.3f}{r['map']:>7.3f}{r['mr2']:>7.1%}{r['seconds']:>9.1f}")
     last = max(rows, key=lambda r: r["map50"])["neck"]
     model = build_ssd(last, len(CANVAS_CLASSES), (image_size, image_size), "efficientnet_tiny")
     state = torch.load(out / "detector" / last / "best.pt", weights_only=True)["model_state"]

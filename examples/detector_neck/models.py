@@ -147,7 +147,9 @@ def build_ssd(
     Args:
         neck: a key of :data:`NECKS`.
         num_classes: classes including the background (label 0).
-        image_size: ``(H, W)`` every image is resized to (the study used 512 x 640).
+        image_size: ``(H, W)`` every image is resized to inside the model (the study used
+            512 x 640: 512 rows, 640 columns); boxes come back in each input image's own
+            coordinates.
         backbone: any torchvision EfficientNet (``efficientnet_b0`` ... ``b7``), or
             ``efficientnet_tiny`` for tests and CPU demos.
         weights: a local state_dict of that EfficientNet (ImageNet weights, say); none by
@@ -182,5 +184,7 @@ def build_ssd(
     anchors = DefaultBoxGenerator([[2, 3]] * count)
     head = SSDHead([f.shape[1] for f in levels.values()],
                    anchors.num_anchors_per_location(), num_classes)
-    # COCO scores at most 100 detections per image (torchmetrics' default too).
-    return SSD(trunk, anchors, tuple(image_size), num_classes, head=head, detections_per_img=100)
+    # torchvision's SSD takes size as (width, height): GeneralizedRCNNTransform resizes every
+    # image to (size[1], size[0]) = (H, W). COCO scores at most 100 detections per image.
+    height, width = image_size
+    return SSD(trunk, anchors, (width, height), num_classes, head=head, detections_per_img=100)

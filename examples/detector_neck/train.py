@@ -13,8 +13,13 @@ digits-canvas`` pastes scikit-learn's digits onto canvases (offline). Images are
 ``--image-size`` x ``--image-width`` (the study's 512 x 640 by default). ``--weights PATH``
 loads a local state_dict of the EfficientNet (ImageNet weights, say); nothing is downloaded.
 
-Test metrics are COCO's mAP (IoU 0.5:0.95) and mAP@0.5 from torchmetrics; ``best.pt`` keeps the
-epoch with the best mAP@0.5. Outputs in ``--out`` and ``--resume`` work as for every script on
+Test metrics are COCO's twelve figures (``map`` over IoU 0.5:0.95, ``map50``, ..., ``mar_large``)
+from torchmetrics, with COCO's crowd regions and areas, and the pedestrian benchmarks'
+log-average miss rate ``mr2`` (MR^-2, lower is better) of the class ``--miss-rate-class`` names
+(default: a class called "person" or "pedestrian" if the data has one, else all classes
+pooled); ``best.pt`` keeps the epoch with the best mAP@0.5. COCO val images are scored at their
+own size: the detector resizes them to ``--image-size`` x ``--image-width`` itself and answers
+in each image's coordinates. Outputs in ``--out`` and ``--resume`` work as for every script on
 the harness (``checkpoint.pt`` after every epoch, ``metrics.json``, ``curves.png``).
 """
 
@@ -60,6 +65,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-width", type=int,
                        help="image width (default 640 with the default --image-size 512, "
                        "else --image-size)")
+    group.add_argument("--miss-rate-class", metavar="NAME",
+                       help="class whose log-average miss rate (mr2) is reported (default: "
+                       "'person' or 'pedestrian' if the data has one, else all classes)")
     # The study: 512 x 640 images, batch 16. AdamW at 1e-3 (the harness's default) learns the
     # randomly initialised backbone and neck; SSD's SGD recipe assumes ImageNet weights.
     parser.set_defaults(image_size=512, batch_size=16, epochs=100, weight_decay=1e-4)

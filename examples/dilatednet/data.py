@@ -20,11 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
@@ -32,7 +30,7 @@ from torchvision import datasets, tv_tensors
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
-from examples.detector_neck.data import digit_glyphs, ink_crop
+from examples.harness.canvases import SPLITS, Placement, canvas_rng, digit_rows, draw_canvas
 from examples.harness.data import SPLIT_SEED, DataError, limited
 
 __all__ = [
@@ -65,9 +63,6 @@ VAL_FRACTION = 0.2
 
 Transforms = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
 
-_SPLITS = ("train", "val")
-_TRAIN_DIGITS = 0.8  # train canvases draw from the first 80% of load_digits(), val the rest
-_PLACEMENT_TRIES = 50
 _MASK_MODES = ("L", "P", "I", "I;16")
 
 
@@ -275,15 +270,6 @@ def voc_segmentation(root: Path, image_set: str, transforms: Transforms | None =
     return SegmentationFiles(list(zip(voc.images, voc.masks)), len(VOC_CLASSES), transforms)
 
 
-class Placement(NamedTuple):
-    """One digit on a canvas: its row in ``load_digits()``, its class and its box (x1, y1, x2,
-    y2) in pixels, end-exclusive."""
-
-    digit: int
-    label: int
-    box: tuple[int, int, int, int]
-
-
 class DigitsSegmentationCanvas(Dataset):
     """Synthetic segmentation: scikit-learn's 8x8 digits pasted on a noisy canvas, offline.
 
@@ -291,10 +277,11 @@ class DigitsSegmentationCanvas(Dataset):
     no free place is left out), each bilinearly scaled so its longer side is ``digit_size[0]``
     to ``digit_size[1]`` px and drawn in a random bright colour over a dark background. The
     mask is ``digit + 1`` where the scaled digit's ink exceeds ``threshold`` (its strokes) and
-    0 elsewhere, so there are 11 classes (:data:`CANVAS_CLASSES`). Everything is drawn from a
-    generator seeded with ``(seed, split, i)``: an item is the same on every call and in every
-    process. Train canvases take their digits from the first 80% of ``load_digits()``, val
-    canvases from the last 20%.
+    0 elsewhere, so there are 11 classes (:data:`CANVAS_CLASSES`). The canvas is the harness's
+    :func:`~examples.harness.canvases.draw_canvas`, which the detection canvases share.
+    Everything is drawn from a generator seeded with ``(seed, split, i)``: an item is the same
+    on every call and in every process. Train canvases take their digits from the first 80% of
+    ``load_digits()``, val canvases from the last 20%.
 
     Args:
         split: ``"train"`` or ``"val"``.
@@ -318,8 +305,8 @@ class DigitsSegmentationCanvas(Dataset):
                  canvas_size: tuple[int, int] = (64, 64), max_digits: int = 3,
                  digit_size: tuple[int, int] | None = None, noise: float = 0.02,
                  threshold: float = 0.5, transforms: Transforms | None = None) -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if count < 0 or seed < 0 or max_digits < 1:
             raise ValueError(f"count and seed must be >= 0 and max_digits >= 1, got count="
                              f"{count}, seed={seed}, max_digits={max_digits}")
@@ -332,12 +319,10 @@ class DigitsSegmentationCanvas(Dataset):
                              f"{shorter}, got {digit_size}")
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-        n_digits = len(digit_glyphs()[1])
-        n_train = int(_TRAIN_DIGITS * n_digits)
         self.split, self.count, self.seed = split, count, seed
         self.canvas_size, self.max_digits, self.digit_size = canvas_size, max_digits, digit_size
         self.noise, self.threshold, self.transforms = noise, threshold, transforms
-        self.digit_indices = range(n_train) if split == "train" else range(n_train, n_digits)
+        self.digit_indices = digit_rows(split)
 
     def __len__(self) -> int:
         return self.count
@@ -356,42 +341,14 @@ class DigitsSegmentationCanvas(Dataset):
                              f"{self.count} items")
         return index % self.count
 
-    def _free_spot(self, rng: np.random.Generator, h: int, w: int,
-                   taken: Sequence[Placement]) -> tuple[int, int] | None:
-        height, width = self.canvas_size
-        for _ in range(_PLACEMENT_TRIES):
-            x, y = int(rng.integers(width - w + 1)), int(rng.integers(height - h + 1))
-            overlaps = any(x < x2 and x1 < x + w and y < y2 and y1 < y + h
-                           for x1, y1, x2, y2 in (p.box for p in taken))
-            if not overlaps:
-                return x, y
-        return None
-
     def _render(self, index: int) -> tuple[Tensor, Tensor, list[Placement]]:
-        glyphs, targets = digit_glyphs()
-        rng = np.random.default_rng((self.seed, _SPLITS.index(self.split), index))
-        height, width = self.canvas_size
-        image = (torch.from_numpy(rng.uniform(0.0, 0.2, (3, 1, 1)))
-                 + torch.from_numpy(rng.uniform(-self.noise, self.noise, (3, height, width))))
-        mask = torch.zeros(height, width, dtype=torch.int64)
-        placed: list[Placement] = []
-        for _ in range(int(rng.integers(1, self.max_digits + 1))):
-            digit = self.digit_indices[int(rng.integers(len(self.digit_indices)))]
-            glyph = ink_crop(glyphs[digit])
-            longer = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1))
-            h, w = (max(1, round(side * longer / max(glyph.shape))) for side in glyph.shape)
-            spot = self._free_spot(rng, h, w, placed)
-            if spot is None:
-                continue
-            x, y = spot
-            ink = F.interpolate(glyph[None, None], size=(h, w), mode="bilinear",
-                                align_corners=False)[0, 0]
-            colour = torch.from_numpy(rng.uniform(0.5, 1.0, (3, 1, 1)))
-            image[:, y:y + h, x:x + w] += (colour - image[:, y:y + h, x:x + w]) * ink
-            label = int(targets[digit]) + 1
-            mask[y:y + h, x:x + w][ink > self.threshold] = label
-            placed.append(Placement(digit, label, (x, y, x + w, y + h)))
-        return image.clamp_(0, 1).float(), mask, placed
+        canvas = draw_canvas(canvas_rng(self.seed, self.split, index), self.canvas_size,
+                             self.digit_indices, self.max_digits, self.digit_size, self.noise)
+        mask = torch.zeros(self.canvas_size, dtype=torch.int64)
+        for placement, ink in zip(canvas.placements, canvas.inks, strict=True):
+            x1, y1, x2, y2 = placement.box
+            mask[y1:y2, x1:x2][ink > self.threshold] = placement.label
+        return canvas.image, mask, canvas.placements
 
 
 def rectangles(count: int, size: int = 48, *, seed: int) -> list[tuple[Tensor, Tensor]]:

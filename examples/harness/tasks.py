@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,11 +32,13 @@ from examples.harness.distributed import Dist, reduce_sums
 from examples.harness.metrics import RunningTotals
 
 __all__ = [
+    "COCO_STATS",
     "ClassificationTask",
     "DetectionTask",
     "Evaluator",
     "SegmentationTask",
     "Task",
+    "miss_rate_label",
 ]
 
 Batch = tuple[Any, Any]
@@ -163,10 +166,17 @@ class _ClassificationEvaluator:
 class DetectionTask(Task):
     """Object detection with a torchvision detector (``model(images, targets)`` -> loss dict).
 
-    A batch is a list of images and a list of ``{"boxes", "labels"}`` dicts. The training loss
-    is the sum of the detector's losses; the test metrics are COCO's mean average precision
-    over IoU 0.5:0.95 (``map``) and at IoU 0.5 (``map50``) from
-    ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend).
+    A batch is a list of images and a list of ``{"boxes", "labels"}`` dicts (evaluation
+    targets may add COCO's ``"iscrowd"`` and ``"area"``). The training loss is the sum of the
+    detector's losses. The test metrics are COCO's twelve figures from
+    ``torchmetrics.detection.MeanAveragePrecision`` (pycocotools backend; crowd regions and
+    areas passed on, so they agree with ``COCOeval`` on the same annotation file): ``map``
+    (IoU 0.5:0.95), ``map50``, ``map75``, ``map_small``, ``map_medium``, ``map_large``,
+    ``mar1``, ``mar10``, ``mar100``, ``mar_small``, ``mar_medium``, ``mar_large`` (-1 where a
+    figure has no ground truth, as COCO gives it); and the pedestrian benchmarks' log-average
+    miss rate ``mr2`` (:mod:`~examples.harness.miss_rate`, lower is better) for the class
+    ``mr2_label``: the class named by ``--miss-rate-class``, else one named "person" or
+    "pedestrian", else every class pooled (``mr2_label`` 0).
 
     Args:
         build: ``build(config) -> (train, test, classes)``, the detection data sets.
@@ -183,9 +193,13 @@ class DetectionTask(Task):
         self.build = build
         self.datasets_accepted = datasets_accepted
         self.default_dataset = default_dataset
+        self.miss_rate_label = 0
 
     def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
-        return self.build(config)
+        """The data sets; also picks :attr:`miss_rate_label` from their class names."""
+        train, test, classes = self.build(config)
+        self.miss_rate_label = miss_rate_label(classes, config.options.get("miss_rate_class"))
+        return train, test, classes
 
     def collate(self, samples: Sequence[Any], *, train: bool) -> Batch:
         images, targets = zip(*samples, strict=True)
@@ -205,18 +219,54 @@ class DetectionTask(Task):
         return sum(loss.float() for loss in losses.values()), None
 
     def evaluator(self, num_classes: int, device: torch.device, autocast: Autocast) -> Evaluator:
-        return _DetectionEvaluator(device, autocast)
+        return _DetectionEvaluator(device, autocast, self.miss_rate_label)
 
     def describe(self, h: dict) -> str:
         return (f"train loss {h['train_loss']:.4f} | mAP {h['map']:.3f} "
-                f"mAP@0.5 {h['map50']:.3f}")
+                f"mAP@0.5 {h['map50']:.3f} MR-2 {h['mr2']:.1%}")
+
+
+_PERSON_NAMES = ("person", "pedestrian")
+# history key -> torchmetrics' key, in the order of COCOeval's stats
+COCO_STATS = {"map": "map", "map50": "map_50", "map75": "map_75", "map_small": "map_small",
+              "map_medium": "map_medium", "map_large": "map_large", "mar1": "mar_1",
+              "mar10": "mar_10", "mar100": "mar_100", "mar_small": "mar_small",
+              "mar_medium": "mar_medium", "mar_large": "mar_large"}
+
+
+def miss_rate_label(classes: Sequence[str], name: Any = None) -> int:
+    """The label MR^-2 is measured on: ``name``'s, else the first class called "person" or
+    "pedestrian" (any case), else 0, every class pooled.
+
+    Raises:
+        DataError: ``name`` is not one of ``classes[1:]``.
+    """
+    from examples.harness.data import DataError
+
+    lowered = [c.lower() for c in classes]
+    if name:
+        if str(name).lower() not in lowered[1:]:
+            raise DataError(f"--miss-rate-class {name!r} is not a class of the data; expected "
+                            f"one of {list(classes[1:])}")
+        return lowered.index(str(name).lower(), 1)
+    return next((k for k, c in enumerate(lowered) if k > 0 and c in _PERSON_NAMES), 0)
 
 
 class _DetectionEvaluator:
-    def __init__(self, device: torch.device, autocast: Autocast) -> None:
+    def __init__(self, device: torch.device, autocast: Autocast, miss_rate_label: int = 0
+                 ) -> None:
         from torchmetrics.detection import MeanAveragePrecision
 
-        self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox").to(device)
+        from examples.harness.miss_rate import MissRate
+
+        # COCOeval's own float64 thresholds: torchmetrics' defaults come from a float32
+        # linspace, so an IoU or recall exactly at 0.55, 0.3, ... falls on the other side.
+        self.metric = MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox",
+            iou_thresholds=np.linspace(0.5, 0.95, 10).tolist(),
+            rec_thresholds=np.linspace(0.0, 1.0, 101).tolist()).to(device)
+        self.miss_rate = MissRate(miss_rate_label or None).to(device)
+        self.miss_rate_label = miss_rate_label
         self.autocast = autocast
         self.images = 0  # known on the host: no device sync to count them
 
@@ -225,15 +275,19 @@ class _DetectionEvaluator:
             detections = net(inputs)
         preds = [{k: d[k].float() if k != "labels" else d[k] for k in ("boxes", "scores", "labels")}
                  for d in detections]
-        self.metric.update(preds, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        truth = [{k: t[k] for k in ("boxes", "labels", "iscrowd", "area") if k in t}
+                 for t in targets]
+        self.metric.update(preds, truth)
+        self.miss_rate.update(preds, truth)
         self.images += len(inputs)
 
     def compute(self, info: Dist) -> dict[str, float]:
         # torchmetrics gathers the states of every rank itself when a process group exists.
         result = self.metric.compute()
         (images,) = reduce_sums(torch.tensor([float(self.images)]), info)
-        return {"map": float(result["map"]), "map50": float(result["map_50"]),
-                "test_images": int(images)}
+        coco = {key: float(result[name]) for key, name in COCO_STATS.items()}
+        return {**coco, "mr2": float(self.miss_rate.compute()),
+                "mr2_label": self.miss_rate_label, "test_images": int(images)}
 
 
 class SegmentationTask(Task):
