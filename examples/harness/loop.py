@@ -5,7 +5,14 @@ Optimiser: AdamW (or SGD) with a per-epoch cosine schedule, or steps at ``--lr-m
 :mod:`~examples.harness.schedule`). ``history[i]["lr"]`` is the rate epoch ``i + 1`` trained at.
 The train order of epoch ``e`` is the permutation drawn from ``seed + e``
 (:class:`~torch.utils.data.DistributedSampler` with ``set_epoch``, also for a single process), so
-a resumed run sees exactly the batches an uninterrupted one would have seen.
+a resumed run sees exactly the batches an uninterrupted one would have seen. The random draws of
+the train data (crops, flips, CutMix) are made in the DataLoader's workers, whose seeds cannot be
+saved in a checkpoint: the train workers are started afresh every epoch (not persistent), seeded
+from a generator set to :func:`worker_seed` ``(seed, epoch, rank)``, so epoch ``e``'s
+augmentations are the same in a resumed run as in an uninterrupted one. The test loader (no
+random draws) keeps its workers; neither loader draws from the global RNG, which the checkpoint
+saves for the model's own draws (dropout). With ``--workers 0`` the draws come from the global
+RNG, saved and restored with the checkpoint.
 
 Under torchrun the model is probed once for parameters that get no gradient before it is wrapped
 in DDP (see :mod:`~examples.harness.distributed`). Loss and accuracy are summed on the device and
@@ -52,7 +59,7 @@ from examples.harness.schedule import (
 )
 from examples.harness.tasks import ClassificationTask, Evaluator, Task
 
-__all__ = ["POSTFIX_EVERY", "evaluate", "fit", "main", "train_one_epoch"]
+__all__ = ["POSTFIX_EVERY", "evaluate", "fit", "main", "train_one_epoch", "worker_seed"]
 
 # Refreshing the bar's loss and accuracy costs a host sync; every 25 steps it costs nothing.
 POSTFIX_EVERY = 25
@@ -138,11 +145,31 @@ def _loaders(train: Dataset, test: Dataset, config: TrainConfig, info: Dist, tas
     sampler = DistributedSampler(train, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=config.seed)
     common = {"batch_size": config.batch_size, "num_workers": workers,
-              "pin_memory": info.device.type == "cuda", "persistent_workers": workers > 0}
+              "pin_memory": info.device.type == "cuda"}
+    # The train loader's generator is re-seeded every epoch (_start_epoch); fresh workers take it.
     return (DataLoader(train, sampler=sampler, collate_fn=partial(task.collate, train=True),
-                       **common), sampler,
+                       generator=torch.Generator(), persistent_workers=False, **common), sampler,
             DataLoader(test, sampler=_Shard(len(test), info),
-                       collate_fn=partial(task.collate, train=False), **common))
+                       collate_fn=partial(task.collate, train=False),
+                       generator=torch.Generator().manual_seed(config.seed),
+                       persistent_workers=workers > 0, **common))
+
+
+def worker_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of epoch ``epoch``'s train DataLoader on ``rank``: a function of the three alone.
+
+    Worker ``w`` of that epoch seeds torch and Python's ``random`` with a base seed drawn from a
+    generator set to this value, plus ``w`` (NumPy from both), as DataLoader does.
+    """
+    entropy = (seed % 2**64, epoch, rank)
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _start_epoch(loader: DataLoader, sampler: DistributedSampler, seed: int, epoch: int,
+                 rank: int) -> None:
+    """Epoch ``epoch``'s order (the sampler) and worker seeds, whatever ran before it."""
+    sampler.set_epoch(epoch)
+    loader.generator.manual_seed(worker_seed(seed, epoch, rank))
 
 
 def _resume_state(config: TrainConfig, num_classes: int) -> dict | str | None:
@@ -266,7 +293,7 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
         tqdm.write(f"resuming {config.model} after epoch {len(history)} of {config.epochs}")
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
-        sampler.set_epoch(epoch)
+        _start_epoch(train_loader, sampler, config.seed, epoch, info.rank)
         lr = schedule.apply(optimizer, epoch)
         with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not (show and sys.stderr.isatty()), leave=False) as bar:
