@@ -113,7 +113,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         scaler.update()
         if correct is None:
             correct = torch.zeros((), dtype=torch.int64, device=step.device)
-        totals.update(loss, correct, step.task.count(targets))
+        totals.update(loss, correct, step.task.count(targets), step.task.loss_weight(targets))
         bar.update()
         if not bar.disable and (bar.n % POSTFIX_EVERY == 0 or bar.n == bar.total):
             sums = totals.local()
