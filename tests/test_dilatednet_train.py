@@ -64,7 +64,7 @@ def shapes(tmp_path_factory) -> Path:
 
 def _flags(data: Path, out: Path, *extra: str, epochs: int) -> list[str]:
     return ["--data", str(data), "--image-size", str(SIZE), "--dropout", "0", "--optimizer",
-            "adamw", "--lr", "3e-3", "--batch-size", "8", "--epochs", str(epochs), "--out",
+            "adamw", "--lr", "3e-3", "--batch-size", "4", "--epochs", str(epochs), "--out",
             str(out), "--device", "cpu", "--workers", "0", "--quiet", *extra]
 
 
