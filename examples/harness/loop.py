@@ -49,6 +49,7 @@ from examples.harness.distributed import (
     unused_on_any_rank,
     wrap_ddp,
 )
+from examples.harness.layouts import resolve_dataset
 from examples.harness.metrics import RunningTotals, plot_curves, write_metrics
 from examples.harness.schedule import (
     CosineSchedule,
@@ -229,17 +230,20 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
     """Train ``build_model(num_classes=...)`` on ``task`` as ``config`` says; return the metrics.
 
     ``task`` (default: image classification) says what the data, batches, loss and test
-    metrics are (:mod:`~examples.harness.tasks`). Rank 0 writes ``checkpoint.pt`` (unless
-    ``config.checkpoint`` is false), ``metrics.json`` and ``curves.png`` into ``config.out``
-    after every epoch, and ``best.pt`` (the weights of the epoch with the best
-    ``task.headline`` so far) whenever that figure improves.
+    metrics are (:mod:`~examples.harness.tasks`); ``config.dataset="auto"`` takes the data set
+    from what ``config.data`` holds (:func:`~examples.harness.layouts.resolve_dataset`).
+    Rank 0 writes ``checkpoint.pt`` (unless ``config.checkpoint`` is false), ``metrics.json``
+    and ``curves.png`` into ``config.out`` after every epoch, and ``best.pt`` (the weights of the
+    epoch with the best ``task.headline`` so far) whenever that figure improves.
 
     Raises:
-        DataError: the data set is missing, empty or unreadable.
+        DataError: the data set is missing, empty or unreadable, or ``config.data`` holds no
+            layout the task reads.
         CheckpointError: ``config.out`` holds a checkpoint this run may not continue.
     """
     info = info or setup(config.device)
     task = task or ClassificationTask()
+    config = resolve_dataset(config, task.layouts, task.default_dataset)
     _seed_everything(config.seed)
     train, test, classes = task.datasets(config)
     if info.is_main:
@@ -382,6 +386,7 @@ def main(argv: list[str] | None, models: Mapping[str, ModelFactory], description
     config = config_from_args(args)
     info = setup(config.device)
     try:
+        config = resolve_dataset(config, task.layouts, task.default_dataset)
         factories = models if setup_run is None else setup_run(args, config)
         fit(config, factories[config.model], info, task)
     except (DataError, ckpt.CheckpointError) as exc:

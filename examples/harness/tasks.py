@@ -60,7 +60,9 @@ class Task:
         headline: history key of the figure that picks the best epoch (higher is better).
         metrics: history keys the curves plot besides the losses.
         datasets_accepted: the ``--dataset`` choices.
-        default_dataset: ``--dataset`` when the flag is not given.
+        default_dataset: the data set when neither ``--dataset`` nor ``--data`` is given.
+        layouts: the folder layouts ``--data`` may hold
+            (:data:`~examples.harness.layouts.LAYOUTS`).
     """
 
     name = "classification"
@@ -68,6 +70,7 @@ class Task:
     metrics: tuple[str, ...] = ("train_acc", "test_acc")
     datasets_accepted: tuple[str, ...] = DATASETS
     default_dataset = "folder"
+    layouts: tuple[str, ...] = ("imagefolder", "imagefolder-tree", "cifar10")
 
     def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
         """(train, test, class names) for ``config``; raises ``DataError`` naming the path."""
@@ -183,6 +186,7 @@ class DetectionTask(Task):
     name = "detection"
     headline = "map50"
     metrics = ("map", "map50")
+    layouts = ("coco",)
 
     def __init__(self, build: Callable[[TrainConfig], tuple[Dataset, Dataset, list[str]]],
                  datasets_accepted: tuple[str, ...], default_dataset: str) -> None:
@@ -271,6 +275,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     headline = "miou"
     metrics = ("miou", "pixel_acc")
+    layouts = ("masks", "voc")
 
     def __init__(self, build: Callable[[TrainConfig], tuple[Dataset, Dataset, list[str]]],
                  datasets_accepted: tuple[str, ...], default_dataset: str,

@@ -125,7 +125,8 @@ def _output_size(text: str) -> int:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(**RECIPE)
+    # --dataset stays "auto": --data decides (CIFAR-10 where it lies or is to be downloaded).
+    parser.set_defaults(**{key: value for key, value in RECIPE.items() if key != "dataset"})
     study = parser.add_argument_group("resizer study")
     study.add_argument("--arch", choices=ARCHS, default="vgg16",
                        help="the VGG behind the resizer (vgg_tiny: a narrow VGG16 for CPU runs)")
