@@ -16,9 +16,11 @@ Examples::
     torchrun --nproc_per_node=4 -m examples.dilatednet.train --data ~/seg --out runs/seg
 
 ``--context none|basic|large`` (default none) picks the network and is the model name a
-checkpoint records, so ``--resume`` never mixes a front-end run with a context run. The data sets
-are ``folder`` (``--data ROOT`` with images/ and masks/, the default), ``voc`` (Pascal VOC 2012
-under ``--data``, fetched with ``--download``) and ``digits-canvas`` (generated, offline).
+checkpoint records, so ``--resume`` never mixes a front-end run with a context run. ``--data ROOT``
+is a mask folder (images/ and masks/) or Pascal VOC 2012 (``ROOT/VOCdevkit/VOC2012``; an empty
+ROOT with ``--download`` fetches it), recognised by its layout (:mod:`examples.harness.layouts`);
+``--dataset digits-canvas`` generates canvases offline. Validation is scored at each mask's own
+size (the Pascal VOC protocol; :class:`~examples.harness.tasks.SegmentationTask`).
 
 Defaults (:data:`RECIPE`) are the paper's front-end recipe as the seed gives it ("Training":
 SGD, mini-batch 14, learning rate 1e-3, momentum 0.9, 60K iterations): ``--optimizer sgd --lr
