@@ -19,7 +19,11 @@ import torch
 from examples.dfpn_classifier import train
 from examples.dfpn_classifier.models import MODELS
 from examples.harness import TrainConfig, fit
+from examples.harness import loop as harness_loop
 from examples.harness.checkpoint import FORMAT
+from examples.harness.distributed import Dist
+from examples.harness.tasks import ClassificationTask
+from torch.utils.data import Dataset
 
 from run_helpers import REPO, kill_after_first_checkpoint, subprocess_env
 
@@ -142,6 +146,35 @@ def test_resume_of_a_finished_run_trains_nothing(finished_run, tmp_path):
         (tmp_path / name).write_bytes((finished_run / name).read_bytes())
     assert train.main(_flags(tmp_path, "--resume")) == 0
     assert _history(tmp_path) == _history(finished_run)
+
+
+class _Draws(Dataset):
+    """Item ``i`` is a random draw of the process that reads it (a worker's RNG), and ``i``."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(2), index
+
+
+def test_train_workers_draw_from_the_seed_and_the_epoch_alone():
+    """Epoch 1's draws in two workers are the same after any epochs and any global RNG state."""
+    config = TrainConfig(model=MODEL, out=Path("unused"), workers=2, batch_size=4, seed=3)
+    info = Dist(0, 1, 0, torch.device("cpu"))
+    loader, sampler, _ = harness_loop._loaders(_Draws(), _Draws(), config, info,
+                                               ClassificationTask())
+
+    def epoch(e: int) -> torch.Tensor:
+        harness_loop._start_epoch(loader, sampler, config.seed, e, info.rank)
+        return torch.cat([draws for draws, _ in loader])
+
+    first = epoch(1)
+    torch.manual_seed(123)
+    epoch(0)
+    assert torch.equal(epoch(1), first)
+    assert not torch.equal(epoch(2), first)
+    assert harness_loop.worker_seed(3, 1) != harness_loop.worker_seed(3, 1, rank=1)
 
 
 def test_amp_and_channels_last(tmp_path):
