@@ -80,7 +80,7 @@ class Layout:
         title: what it is, in a few words (``"a COCO folder"``).
         where: where its files lie under ROOT.
         matches: ``matches(root)``: whether ``root`` holds this layout.
-        downloadable: ``--download`` fetches it into an empty ROOT.
+        downloadable: ``--download`` fetches it into a ROOT that holds no layout.
     """
 
     name: str

@@ -347,9 +347,13 @@ def scores_at_mask_size(logits: Tensor, masks: Sequence[Tensor]) -> list[Tensor]
     if len(masks) != len(logits):
         raise ValueError(f"scores_at_mask_size expected one mask per image ({len(logits)}), "
                          f"got {len(masks)}")
-    return [F.interpolate(scores[None], size=tuple(mask.shape[-2:]), mode="bilinear",
-                          align_corners=False)[0] if scores.shape[-2:] != mask.shape[-2:]
-            else scores for scores, mask in zip(logits, masks, strict=True)]
+    resized = []
+    for scores, mask in zip(logits, masks, strict=True):
+        if scores.shape[-2:] != mask.shape[-2:]:
+            scores = F.interpolate(scores[None], size=tuple(mask.shape[-2:]), mode="bilinear",
+                                   align_corners=False)[0]
+        resized.append(scores)
+    return resized
 
 
 class _SegmentationEvaluator:
