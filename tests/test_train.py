@@ -208,11 +208,11 @@ KILL_AND_RESUME = {
         "--workers", "2"]),
     "detection": ("examples.detector_neck.train", [
         "--neck", "fpn_bilinear", "--dataset", "digits-canvas", "--backbone",
-        "efficientnet_tiny", "--image-size", "48", "--batch-size", "8", "--limit", "48",
+        "efficientnet_tiny", "--image-size", "48", "--batch-size", "8", "--limit", "64",
         "--workers", "2"]),
     "segmentation": ("examples.dilatednet.train", [
         "--dataset", "digits-canvas", "--image-size", "40", "--width", "4", "--fc-channels",
-        "32", "--optimizer", "adamw", "--batch-size", "8", "--limit", "96", "--workers", "2"]),
+        "32", "--optimizer", "adamw", "--batch-size", "8", "--limit", "128", "--workers", "2"]),
 }
 
 
