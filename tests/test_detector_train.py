@@ -1,4 +1,5 @@
-"""Seed 001's detector on the shared harness: learning, COCO folders, kill and resume, torchrun."""
+"""Seed 001's detector on the shared harness: learning, COCO folders, torchrun (its kill and
+resume is one case of tests/test_train.py's)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from examples.detector_neck.models import NECKS, build_ssd
 from examples.harness.distributed import Dist
 from torch.utils.data import DataLoader
 
-from run_helpers import REPO, kill_after_first_checkpoint, subprocess_env
+from run_helpers import REPO, subprocess_env
 
 SIZE = 64
 
@@ -113,23 +114,6 @@ def test_default_image_is_the_study_size():
                          options={"image_width": 640})
     assert train.image_size(config) == (512, 640)
     assert train.image_size(TrainConfig(model="bifpn", out=Path("x"), image_size=96)) == (96, 96)
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
-    epochs, limit = 3, 48
-    killed, straight = tmp_path / "killed", tmp_path / "straight"
-    reference = subprocess.Popen(_script(*_flags(straight, epochs=epochs, limit=limit)),
-                                 cwd=REPO, env=_env())
-    kill_after_first_checkpoint(_script(*_flags(killed, epochs=epochs, limit=limit)), killed,
-                                epochs)
-    subprocess.run(_script(*_flags(killed, "--resume", epochs=epochs, limit=limit)), cwd=REPO,
-                   env=_env(), check=True, timeout=600)
-    assert reference.wait(timeout=600) == 0
-    resumed, plain = _metrics(killed)["history"], _metrics(straight)["history"]
-    assert [h["epoch"] for h in resumed] == list(range(1, epochs + 1))
-    for key in ("train_loss", "map", "map50"):
-        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in plain], abs=1e-4), key
 
 
 @pytest.mark.slow

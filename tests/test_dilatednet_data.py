@@ -202,7 +202,9 @@ def test_train_and_val_subfolders_and_classes_read_from_the_masks(tmp_path):
                   for _, mask in data)
     assert classes == ["background", *(f"class_{k}" for k in range(1, largest + 1))]
     image, mask = val[1]
-    assert image.shape == (3, 24, 24) and mask.shape == (24, 24)
+    # the network sees the image at --image-size; the label keeps its own size, to be scored so
+    assert image.shape == (3, 24, 24) and torch.equal(mask, _canvas("val", 2)[1][1])
+    assert train[0][1].shape == (24, 24)
 
 
 def test_ignore_index_and_palette_masks_are_read(tmp_path):

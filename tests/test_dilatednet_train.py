@@ -13,10 +13,13 @@ refusals and the demo run on digit canvases.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,9 +33,15 @@ from examples.dilatednet.data import (
     write_segmentation_folder,
 )
 from examples.dilatednet.models import DilatedNet
+from examples.harness import TrainConfig
 from examples.harness.checkpoint import FORMAT
-from torch import Tensor
+from examples.harness.distributed import Dist
+from examples.harness.loop import _Step, evaluate, train_one_epoch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassJaccardIndex
+from tqdm import tqdm
 
 from run_helpers import REPO, subprocess_env
 
@@ -55,7 +64,7 @@ def shapes(tmp_path_factory) -> Path:
 
 def _flags(data: Path, out: Path, *extra: str, epochs: int) -> list[str]:
     return ["--data", str(data), "--image-size", str(SIZE), "--dropout", "0", "--optimizer",
-            "adamw", "--lr", "3e-3", "--batch-size", "8", "--epochs", str(epochs), "--out",
+            "adamw", "--lr", "3e-3", "--batch-size", "4", "--epochs", str(epochs), "--out",
             str(out), "--device", "cpu", "--workers", "0", "--quiet", *extra]
 
 
@@ -254,3 +263,103 @@ def test_torchrun_stage2_on_two_cpu_processes(frontend_run, shapes, tmp_path):
     best = torch.load(frontend_run / "best.pt", weights_only=True)
     assert report["frontend"]["miou"] == pytest.approx(best["best"]["miou"], abs=1e-6)
     assert result.stdout.count("start of stage 2") == 1
+
+
+# --- scoring at the label's own resolution; batches with nothing to score -------------------
+
+ODD_SIZES = [(37, 53), (29, 41), (45, 31), (33, 33)]  # (H, W) of the val labels
+
+
+def _odd_folder(root: Path) -> Path:
+    """Train and val images of odd, non-square sizes; val masks with an ignored band."""
+    generator = torch.Generator().manual_seed(3)
+    for split, sizes in (("train", ODD_SIZES[:2]), ("val", ODD_SIZES)):
+        for i, (h, w) in enumerate(sizes):
+            image = torch.rand(3, h, w, generator=generator)
+            mask = torch.randint(0, 3, (h, w), generator=generator)
+            mask[h // 3:h // 2, w // 4:] = 1 + i % 2
+            mask[:, w - 3:] = IGNORE_INDEX
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(
+                root / split / "images" / f"{i}.png")
+            Image.fromarray(mask.byte().numpy()).save(root / split / "masks" / f"{i}.png")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
+def _probe_net() -> nn.Module:
+    """Class scores computed at a quarter of the input's resolution and up-sampled bilinearly
+    to the input's, as DilatedNet's are."""
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(3, len(CLASSES), 3, padding=1), nn.AvgPool2d(4),
+                         nn.Upsample(scale_factor=4, mode="bilinear")).eval()
+
+
+def _cpu_step() -> _Step:
+    return _Step(TrainConfig(model="none", out=Path("unused")), torch.device("cpu"),
+                 train.TASK)
+
+
+def test_val_is_scored_at_each_labels_own_size(tmp_path):
+    """mIoU, pixel accuracy and test loss equal those of a confusion matrix and cross-entropy
+    computed over every pixel of the mask files, the network's scores resized to each file."""
+    root = _odd_folder(tmp_path)
+    _, val, classes = build_segmentation_datasets("folder", root, 16, None, 0)
+    net = _probe_net()
+    loader = DataLoader(val, batch_size=3, collate_fn=partial(train.TASK.collate, train=False))
+    figures = evaluate(net, loader, _cpu_step(), len(classes)).compute(
+        Dist(0, 1, 0, torch.device("cpu")))
+
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
+    loss_sum, scored = 0.0, 0
+    for i, (h, w) in enumerate(ODD_SIZES):
+        with Image.open(root / "val" / "masks" / f"{i}.png") as file:
+            mask = torch.from_numpy(np.asarray(file).astype(np.int64))
+        assert mask.shape == (h, w)
+        with torch.no_grad():
+            logits = F.interpolate(net(val[i][0][None]), size=(h, w), mode="bilinear",
+                                   align_corners=False)
+        keep = mask != IGNORE_INDEX
+        predicted = logits[0].argmax(0)
+        confusion += torch.bincount(mask[keep] * len(classes) + predicted[keep],
+                                    minlength=len(classes) ** 2).view(len(classes), -1)
+        loss_sum += F.cross_entropy(logits, mask[None], ignore_index=IGNORE_INDEX,
+                                    reduction="sum").item()
+        scored += int(keep.sum())
+    hits = confusion.diag().double()
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    assert (union > 0).all()
+    assert figures["miou"] == pytest.approx((hits / union).mean().item(), abs=1e-6)
+    assert figures["pixel_acc"] == pytest.approx(hits.sum().item() / scored, abs=1e-6)
+    assert figures["test_loss"] == pytest.approx(loss_sum / scored, rel=1e-5)
+    assert figures["test_images"] == len(ODD_SIZES)
+
+
+def _all_ignored(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    return batch[0], torch.full_like(batch[1], IGNORE_INDEX)
+
+
+def test_a_batch_with_every_pixel_ignored_adds_nothing_to_the_losses():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 16, 16, generator=generator)
+    masks = torch.randint(0, 3, (4, 16, 16), generator=generator)
+    scored, ignored = (images[:2], masks[:2]), _all_ignored((images[2:], masks[2:]))
+    net, step = _probe_net().train(), _cpu_step()
+    with torch.no_grad():
+        expected = F.cross_entropy(net(scored[0]), scored[1]).item()
+    # the ignored batch comes first: plain SGD on its zero gradient leaves the weights as they are
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    with tqdm(total=2, disable=True) as bar:
+        seen = train_one_epoch(net, [ignored, scored], optimizer, scaler, step, bar).local()
+    assert seen.loss == pytest.approx(expected, rel=1e-5) and seen.count == 4
+    cpu = Dist(0, 1, 0, torch.device("cpu"))
+    alone = evaluate(net, [(scored[0], list(scored[1]))], step, 3).compute(cpu)
+    both = evaluate(net, [(scored[0], list(scored[1])), (ignored[0], list(ignored[1]))],
+                    step, 3).compute(cpu)
+    assert math.isfinite(both["test_loss"])
+    assert {k: v for k, v in both.items() if k != "test_images"} == pytest.approx(
+        {k: v for k, v in alone.items() if k != "test_images"})
+    nothing = evaluate(net, [(ignored[0], list(ignored[1]))], step, 3).compute(cpu)
+    assert nothing["test_loss"] == 0.0

@@ -3,10 +3,13 @@
 Every item is ``(image, mask)``: a float32 RGB tensor (3, H, W) in [0, 1] (ImageNet
 normalisation is the model's job, see :class:`~examples.dilatednet.models.DilatedNet`) and an
 int64 mask (H, W) of class indices, 255 where the pixel is ignored (:data:`IGNORE_INDEX`, as in
-VOC and the paper's loss). Class 0 is the background. Image and mask always go through the same
-geometric transform (:func:`segmentation_transforms`, torchvision v2 with ``tv_tensors.Mask``, so
-masks are resized with nearest neighbour and never blended). A mask that does not fit its image
-or holds an unknown class raises the harness's :class:`DataError`, whose message names the file.
+VOC and the paper's loss). Class 0 is the background. In training, image and mask go through the
+same geometric transform (:func:`segmentation_transforms`, torchvision v2 with
+``tv_tensors.Mask``, so masks are cropped and resized with nearest neighbour and never blended).
+For validation only the image is resized for the network; the mask keeps its file's size, and
+the harness scores the prediction brought back to that size (the Pascal VOC protocol; see
+:class:`~examples.harness.tasks.SegmentationTask`). A mask that does not fit its image or holds
+an unknown class raises the harness's :class:`DataError`, whose message names the file.
 
 Folder layout (``--dataset folder --data ROOT``): ``ROOT/images/NAME.{png,jpg,...}`` and
 ``ROOT/masks/NAME.png`` (one channel of class indices: PNG mode L or P, as VOC's masks), either
@@ -76,13 +79,14 @@ def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
 def segmentation_transforms(image_size: int | tuple[int, int], *, train: bool,
                             scale: tuple[float, float] = (0.5, 1.0), flip_p: float = 0.5,
                             photometric_p: float = 0.5) -> v2.Compose:
-    """torchvision v2 transforms that move the mask with the image.
+    """torchvision v2 transforms of an (image, mask) pair.
 
     Train: ``RandomResizedCrop(image_size, scale)``, ``RandomHorizontalFlip(flip_p)``,
-    ``RandomPhotometricDistort(p=photometric_p)`` (the image only), ``ToDtype``. Val:
-    ``Resize(image_size)`` and ``ToDtype``. Masks are resized and cropped with nearest
-    neighbour (v2 does so for ``tv_tensors.Mask``); ``ToDtype`` gives a float32 image in
-    [0, 1] and an int64 mask.
+    ``RandomPhotometricDistort(p=photometric_p)`` (the image only), ``ToDtype``; the mask is
+    cropped, resized (nearest neighbour, as v2 does for ``tv_tensors.Mask``) and flipped with
+    the image. Val: ``Resize(image_size)`` of the image only and ``ToDtype``; the mask keeps its
+    own size, so that the prediction is scored at the label's resolution. ``ToDtype`` gives a
+    float32 image in [0, 1] and an int64 mask.
 
     Args:
         image_size: (H, W) of the output, or one int for a square.
@@ -95,10 +99,24 @@ def segmentation_transforms(image_size: int | tuple[int, int], *, train: bool,
     to_dtype = v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64},
                           scale=True)
     if not train:
-        return v2.Compose([v2.Resize(size, antialias=True), to_dtype])
+        return v2.Compose([_ImageOnly(v2.Resize(size, antialias=True)), to_dtype])
     return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True),
                        v2.RandomHorizontalFlip(flip_p),
                        v2.RandomPhotometricDistort(p=photometric_p), to_dtype])
+
+
+class _ImageOnly:
+    """``transform`` applied to the image of a sample; masks pass through unchanged."""
+
+    def __init__(self, transform: v2.Transform) -> None:
+        self.inner = transform
+
+    def __call__(self, *sample: Tensor) -> Tensor | tuple[Tensor, ...]:
+        out = tuple(self.inner(x) if isinstance(x, tv_tensors.Image) else x for x in sample)
+        return out if len(out) > 1 else out[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
 
 
 def _finish(image: Tensor, mask: Tensor, transforms: Transforms | None) -> tuple[Tensor, Tensor]:

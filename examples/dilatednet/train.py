@@ -16,9 +16,11 @@ Examples::
     torchrun --nproc_per_node=4 -m examples.dilatednet.train --data ~/seg --out runs/seg
 
 ``--context none|basic|large`` (default none) picks the network and is the model name a
-checkpoint records, so ``--resume`` never mixes a front-end run with a context run. The data sets
-are ``folder`` (``--data ROOT`` with images/ and masks/, the default), ``voc`` (Pascal VOC 2012
-under ``--data``, fetched with ``--download``) and ``digits-canvas`` (generated, offline).
+checkpoint records, so ``--resume`` never mixes a front-end run with a context run. ``--data ROOT``
+is a mask folder (images/ and masks/) or Pascal VOC 2012 (``ROOT/VOCdevkit/VOC2012``; an empty
+ROOT with ``--download`` fetches it), recognised by its layout (:mod:`examples.harness.layouts`);
+``--dataset digits-canvas`` generates canvases offline. Validation is scored at each mask's own
+size (the Pascal VOC protocol; :class:`~examples.harness.tasks.SegmentationTask`).
 
 Defaults (:data:`RECIPE`) are the paper's front-end recipe as the seed gives it ("Training":
 SGD, mini-batch 14, learning rate 1e-3, momentum 0.9, 60K iterations): ``--optimizer sgd --lr
@@ -61,7 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -77,7 +79,7 @@ from examples.harness import main as harness_main
 from examples.harness.checkpoint import FORMAT, CheckpointError, atomic_write
 from examples.harness.config import bounded_float, positive_int
 from examples.harness.distributed import Dist, broadcast_object, reduce_sums, setup
-from examples.harness.tasks import SegmentationTask
+from examples.harness.tasks import SegmentationTask, scores_at_mask_size
 
 __all__ = [
     "CONTEXTS",
@@ -200,18 +202,23 @@ def load_frontend(path: Path, num_classes: int, *, width: int | None = None,
     return net
 
 
-class _KeepsPrediction(nn.Module):
-    """``net`` unchanged, remembering the arg-max of its last output."""
+class _KeepsScores(nn.Module):
+    """``net`` unchanged, remembering its last output."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.predicted: Tensor | None = None
+        self.logits: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.net(x)
-        self.predicted = logits.argmax(1)
-        return logits
+        self.logits = self.net(x)
+        return self.logits
+
+    def predicted(self, masks: Sequence[Tensor]) -> Tensor:
+        """The arg-max of the last output at each mask's size, all pixels in one 1-d tensor."""
+        assert self.logits is not None, "call the network first"
+        scores = scores_at_mask_size(self.logits.float(), masks)
+        return torch.cat([s.argmax(0).flatten() for s in scores])
 
 
 @torch.no_grad()
@@ -221,7 +228,8 @@ def compare_stage2_start(frontend: nn.Module, start: nn.Module, val: Dataset, nu
     """Score the front-end and the network at the start of stage 2 on ``val``, in eval mode.
 
     Each rank scores every ``world_size``-th image; the figures are those of the harness's
-    evaluator (``task.evaluator``), reduced over ranks, so they compare with ``metrics.json``.
+    evaluator (``task.evaluator``, at each mask's own size), reduced over ranks, so they compare
+    with ``metrics.json``.
 
     Returns:
         ``{"frontend": figures, "stage2_start": figures, "difference": start minus front-end
@@ -240,7 +248,7 @@ def compare_stage2_start(frontend: nn.Module, start: nn.Module, val: Dataset, nu
     loader = DataLoader(Subset(val, range(info.rank, len(val), info.world_size)),
                         batch_size=config.batch_size, num_workers=workers,
                         collate_fn=partial(task.collate, train=False))
-    nets = {name: _KeepsPrediction(net).to(device, memory_format=memory_format).eval()
+    nets = {name: _KeepsScores(net).to(device, memory_format=memory_format).eval()
             for name, net in (("frontend", frontend), ("stage2_start", start))}
     scores = {name: task.evaluator(num_classes, device, autocast) for name in nets}
     counts = torch.zeros(2, dtype=torch.float64, device=device)
@@ -248,8 +256,8 @@ def compare_stage2_start(frontend: nn.Module, start: nn.Module, val: Dataset, nu
         images, masks = task.to_device(batch, device, memory_format)
         for name, net in nets.items():
             scores[name].update(net, images, masks)
-        scored = masks != task.ignore_index
-        moved = nets["frontend"].predicted != nets["stage2_start"].predicted
+        scored = torch.cat([mask.flatten() for mask in masks]) != task.ignore_index
+        moved = nets["frontend"].predicted(masks) != nets["stage2_start"].predicted(masks)
         counts += torch.stack([(moved & scored).sum(), scored.sum()]).double()
     figures = {name: s.compute(info) for name, s in scores.items()}
     changed, total = reduce_sums(counts, info)

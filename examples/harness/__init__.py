@@ -5,6 +5,8 @@ It is what a user of torchvision's reference scripts expects, in a few short mod
 - :mod:`~examples.harness.config`: the command-line flags and the :class:`TrainConfig` they fill;
 - :mod:`~examples.harness.data`: ImageFolder trees, CIFAR-10 and scikit-learn's bundled digits;
 - :mod:`~examples.harness.canvases`: the digit canvases generated for detection and segmentation;
+- :mod:`~examples.harness.layouts`: what ``--data ROOT`` holds (ImageFolder, COCO, mask folder),
+  recognised in one place for every script;
 - :mod:`~examples.harness.checkpoint`: atomic, ``weights_only``-loadable checkpoints and resume;
 - :mod:`~examples.harness.distributed`: ``torchrun`` / DistributedDataParallel set-up;
 - :mod:`~examples.harness.metrics`: running sums reduced over ranks, ``metrics.json``, curves;

@@ -132,15 +132,19 @@ def add_arguments(parser: argparse.ArgumentParser, models: Iterable[str], *,
     models = sorted(models)
     d = TrainConfig(model=models[0], out=Path("runs/train"), dataset=default_dataset)
     data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, help="ImageFolder root (with train/ and test/, or "
-                      "one tree split by --val-fraction), or the download root of --dataset")
-    data.add_argument("--dataset", choices=tuple(datasets), default=d.dataset,
-                      help="folder: --data is an ImageFolder tree; cifar10: torchvision CIFAR-10 "
+    data.add_argument("--data", type=Path, help="a folder of data, recognised by its layout "
+                      "(ImageFolder with train/ and val/ or test/, or one class tree split by "
+                      "--val-fraction; COCO folder; mask folder; see examples.harness.layouts), "
+                      "or the download root of --dataset")
+    data.add_argument("--dataset", choices=("auto", *datasets), default="auto",
+                      help=f"auto: what --data holds (without --data: {d.dataset}); folder: "
+                      "--data is the script's kind of folder; cifar10: torchvision CIFAR-10 "
                       "under --data; digits: scikit-learn's bundled 8x8 digits (offline); "
                       "coco, voc, digits-canvas: see the script's help")
     data.add_argument("--download", action="store_true", help="let --dataset cifar10 download")
     data.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
-                      help="test share when --data has no train/ and test/ folders")
+                      help="test share when --data is one class tree (no train/ with val/ or "
+                      "test/)")
     data.add_argument("--limit", type=positive_int, help="use at most N train and N test images")
     data.add_argument("--image-size", type=positive_int, default=d.image_size)
     data.add_argument("--workers", type=int, help="DataLoader workers (default: 0 for in-memory "

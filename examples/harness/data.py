@@ -76,11 +76,13 @@ def _folder(root: Path, image_size: int) -> datasets.ImageFolder:
 
 def image_folder(root: Path, image_size: int, val_fraction: float
                  ) -> tuple[Dataset, Dataset, list[str]]:
-    """``root/train`` and ``root/test`` if both exist, else ``root`` split by ``val_fraction``."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = _folder(root / "train", image_size), _folder(root / "test", image_size)
+    """``root/train`` scored on ``root/val`` (or ``root/test`` when there is no val/), else
+    ``root`` split by ``val_fraction``."""
+    held_out = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
+    if (root / "train").is_dir() and held_out is not None:
+        train, test = _folder(root / "train", image_size), _folder(held_out, image_size)
         if train.classes != test.classes:
-            raise DataError(f"{root}/train has classes {train.classes} but {root}/test has "
+            raise DataError(f"{root}/train has classes {train.classes} but {held_out} has "
                             f"{test.classes}; they must match")
         return train, test, train.classes
     tree = _folder(root, image_size)

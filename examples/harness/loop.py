@@ -5,7 +5,14 @@ Optimiser: AdamW (or SGD) with a per-epoch cosine schedule, or steps at ``--lr-m
 :mod:`~examples.harness.schedule`). ``history[i]["lr"]`` is the rate epoch ``i + 1`` trained at.
 The train order of epoch ``e`` is the permutation drawn from ``seed + e``
 (:class:`~torch.utils.data.DistributedSampler` with ``set_epoch``, also for a single process), so
-a resumed run sees exactly the batches an uninterrupted one would have seen.
+a resumed run sees exactly the batches an uninterrupted one would have seen. The random draws of
+the train data (crops, flips, CutMix) are made in the DataLoader's workers, whose seeds cannot be
+saved in a checkpoint: the train workers are started afresh every epoch (not persistent), seeded
+from a generator set to :func:`worker_seed` ``(seed, epoch, rank)``, so epoch ``e``'s
+augmentations are the same in a resumed run as in an uninterrupted one. The test loader (no
+random draws) keeps its workers; neither loader draws from the global RNG, which the checkpoint
+saves for the model's own draws (dropout). With ``--workers 0`` the draws come from the global
+RNG, saved and restored with the checkpoint.
 
 Under torchrun the model is probed once for parameters that get no gradient before it is wrapped
 in DDP (see :mod:`~examples.harness.distributed`). Loss and accuracy are summed on the device and
@@ -42,6 +49,7 @@ from examples.harness.distributed import (
     unused_on_any_rank,
     wrap_ddp,
 )
+from examples.harness.layouts import resolve_dataset
 from examples.harness.metrics import RunningTotals, plot_curves, write_metrics
 from examples.harness.schedule import (
     CosineSchedule,
@@ -52,7 +60,7 @@ from examples.harness.schedule import (
 )
 from examples.harness.tasks import ClassificationTask, Evaluator, Task
 
-__all__ = ["POSTFIX_EVERY", "evaluate", "fit", "main", "train_one_epoch"]
+__all__ = ["POSTFIX_EVERY", "evaluate", "fit", "main", "train_one_epoch", "worker_seed"]
 
 # Refreshing the bar's loss and accuracy costs a host sync; every 25 steps it costs nothing.
 POSTFIX_EVERY = 25
@@ -106,7 +114,7 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, optimizer: torch.optim.O
         scaler.update()
         if correct is None:
             correct = torch.zeros((), dtype=torch.int64, device=step.device)
-        totals.update(loss, correct, step.task.count(targets))
+        totals.update(loss, correct, step.task.count(targets), step.task.loss_weight(targets))
         bar.update()
         if not bar.disable and (bar.n % POSTFIX_EVERY == 0 or bar.n == bar.total):
             sums = totals.local()
@@ -138,11 +146,31 @@ def _loaders(train: Dataset, test: Dataset, config: TrainConfig, info: Dist, tas
     sampler = DistributedSampler(train, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=config.seed)
     common = {"batch_size": config.batch_size, "num_workers": workers,
-              "pin_memory": info.device.type == "cuda", "persistent_workers": workers > 0}
+              "pin_memory": info.device.type == "cuda"}
+    # The train loader's generator is re-seeded every epoch (_start_epoch); fresh workers take it.
     return (DataLoader(train, sampler=sampler, collate_fn=partial(task.collate, train=True),
-                       **common), sampler,
+                       generator=torch.Generator(), persistent_workers=False, **common), sampler,
             DataLoader(test, sampler=_Shard(len(test), info),
-                       collate_fn=partial(task.collate, train=False), **common))
+                       collate_fn=partial(task.collate, train=False),
+                       generator=torch.Generator().manual_seed(config.seed),
+                       persistent_workers=workers > 0, **common))
+
+
+def worker_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of epoch ``epoch``'s train DataLoader on ``rank``: a function of the three alone.
+
+    Worker ``w`` of that epoch seeds torch and Python's ``random`` with a base seed drawn from a
+    generator set to this value, plus ``w`` (NumPy from both), as DataLoader does.
+    """
+    entropy = (seed % 2**64, epoch, rank)
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _start_epoch(loader: DataLoader, sampler: DistributedSampler, seed: int, epoch: int,
+                 rank: int) -> None:
+    """Epoch ``epoch``'s order (the sampler) and worker seeds, whatever ran before it."""
+    sampler.set_epoch(epoch)
+    loader.generator.manual_seed(worker_seed(seed, epoch, rank))
 
 
 def _resume_state(config: TrainConfig, num_classes: int) -> dict | str | None:
@@ -202,17 +230,20 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
     """Train ``build_model(num_classes=...)`` on ``task`` as ``config`` says; return the metrics.
 
     ``task`` (default: image classification) says what the data, batches, loss and test
-    metrics are (:mod:`~examples.harness.tasks`). Rank 0 writes ``checkpoint.pt`` (unless
-    ``config.checkpoint`` is false), ``metrics.json`` and ``curves.png`` into ``config.out``
-    after every epoch, and ``best.pt`` (the weights of the epoch with the best
-    ``task.headline`` so far) whenever that figure improves.
+    metrics are (:mod:`~examples.harness.tasks`); ``config.dataset="auto"`` takes the data set
+    from what ``config.data`` holds (:func:`~examples.harness.layouts.resolve_dataset`).
+    Rank 0 writes ``checkpoint.pt`` (unless ``config.checkpoint`` is false), ``metrics.json``
+    and ``curves.png`` into ``config.out`` after every epoch, and ``best.pt`` (the weights of the
+    epoch with the best ``task.headline`` so far) whenever that figure improves.
 
     Raises:
-        DataError: the data set is missing, empty or unreadable.
+        DataError: the data set is missing, empty or unreadable, or ``config.data`` holds no
+            layout the task reads.
         CheckpointError: ``config.out`` holds a checkpoint this run may not continue.
     """
     info = info or setup(config.device)
     task = task or ClassificationTask()
+    config = resolve_dataset(config, task.layouts, task.default_dataset)
     _seed_everything(config.seed)
     train, test, classes = task.datasets(config)
     if info.is_main:
@@ -266,7 +297,7 @@ def fit(config: TrainConfig, build_model: ModelFactory, info: Dist | None = None
         tqdm.write(f"resuming {config.model} after epoch {len(history)} of {config.epochs}")
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
-        sampler.set_epoch(epoch)
+        _start_epoch(train_loader, sampler, config.seed, epoch, info.rank)
         lr = schedule.apply(optimizer, epoch)
         with tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{config.epochs}",
                   disable=not (show and sys.stderr.isatty()), leave=False) as bar:
@@ -355,6 +386,7 @@ def main(argv: list[str] | None, models: Mapping[str, ModelFactory], description
     config = config_from_args(args)
     info = setup(config.device)
     try:
+        config = resolve_dataset(config, task.layouts, task.default_dataset)
         factories = models if setup_run is None else setup_run(args, config)
         fit(config, factories[config.model], info, task)
     except (DataError, ckpt.CheckpointError) as exc:

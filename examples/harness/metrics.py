@@ -24,15 +24,20 @@ __all__ = ["RunningTotals", "Totals", "plot_curves", "write_metrics"]
 
 @dataclass(frozen=True)
 class Totals:
-    """The sums of one pass over a data set, on the host."""
+    """The sums of one pass over a data set, on the host.
+
+    ``loss_weight`` is what the mean loss is over: the images (``count``) for classification
+    and detection, the scored pixels for segmentation.
+    """
 
     loss_sum: float = 0.0
     correct: float = 0.0
     count: float = 0.0
+    loss_weight: float = 0.0
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.count, 1.0)
+        return self.loss_sum / self.loss_weight if self.loss_weight > 0 else 0.0
 
     @property
     def accuracy(self) -> float:
@@ -52,18 +57,24 @@ class RunningTotals:
 
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_weight = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.count = 0  # a batch's size is known on the host: no need to ask the device
 
-    def update(self, mean_loss: Tensor, correct: Tensor, count: int) -> None:
-        """Add a batch: its mean loss and number of right answers (0-d tensors), its size."""
-        self.loss_sum += mean_loss.detach().double() * count
+    def update(self, mean_loss: Tensor, correct: Tensor, count: int,
+               weight: Tensor | int | None = None) -> None:
+        """Add a batch: its mean loss and number of right answers (0-d tensors), its size, and
+        what its mean loss is over (``weight``: its size when None, a 0-d tensor of scored
+        pixels for segmentation; a batch of weight 0 adds nothing to the mean loss)."""
+        weight = count if weight is None else weight
+        self.loss_sum += mean_loss.detach().double() * weight
+        self.loss_weight += weight
         self.correct += correct.detach()
         self.count += count
 
     def _sums(self) -> Tensor:
         count = self.loss_sum.new_full((), float(self.count))  # a fill on the device, no copy
-        return torch.stack([self.loss_sum, self.correct.double(), count])
+        return torch.stack([self.loss_sum, self.correct.double(), count, self.loss_weight])
 
     def local(self) -> Totals:
         """This rank's sums so far (one host sync)."""

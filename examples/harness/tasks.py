@@ -8,7 +8,8 @@ across their classification, detection and segmentation scripts:
 - how samples become a batch (:meth:`Task.collate`, train and test may differ: CutMix is a
   train-time collation) and how a batch reaches the device (:meth:`Task.to_device`);
 - the training loss of a batch, and its number of right answers where that means something
-  (:meth:`Task.train_loss`);
+  (:meth:`Task.train_loss`), and what the loss is averaged over (:meth:`Task.loss_weight`:
+  images, or scored pixels);
 - the test metrics (:meth:`Task.evaluator`): running sums on the device for classification,
   ``torchmetrics`` for mean average precision and mean IoU, all reduced over ranks;
 - the history key that decides the best epoch (:attr:`Task.headline`).
@@ -39,6 +40,7 @@ __all__ = [
     "SegmentationTask",
     "Task",
     "miss_rate_label",
+    "scores_at_mask_size",
 ]
 
 Batch = tuple[Any, Any]
@@ -61,7 +63,9 @@ class Task:
         headline: history key of the figure that picks the best epoch (higher is better).
         metrics: history keys the curves plot besides the losses.
         datasets_accepted: the ``--dataset`` choices.
-        default_dataset: ``--dataset`` when the flag is not given.
+        default_dataset: the data set when neither ``--dataset`` nor ``--data`` is given.
+        layouts: the folder layouts ``--data`` may hold
+            (:data:`~examples.harness.layouts.LAYOUTS`).
     """
 
     name = "classification"
@@ -69,6 +73,7 @@ class Task:
     metrics: tuple[str, ...] = ("train_acc", "test_acc")
     datasets_accepted: tuple[str, ...] = DATASETS
     default_dataset = "folder"
+    layouts: tuple[str, ...] = ("imagefolder", "imagefolder-tree", "cifar10")
 
     def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
         """(train, test, class names) for ``config``; raises ``DataError`` naming the path."""
@@ -89,6 +94,10 @@ class Task:
     def count(self, targets: Any) -> int:
         """Images in a batch (known on the host, no device sync)."""
         return len(targets)
+
+    def loss_weight(self, targets: Any) -> Tensor | int:
+        """What a batch's mean loss stands for in the epoch's mean: its images by default."""
+        return self.count(targets)
 
     def train_loss(self, net: nn.Module, inputs: Any, targets: Any, autocast: Autocast
                    ) -> tuple[Tensor, Tensor | None]:
@@ -187,6 +196,7 @@ class DetectionTask(Task):
     name = "detection"
     headline = "map50"
     metrics = ("map", "map50")
+    layouts = ("coco",)
 
     def __init__(self, build: Callable[[TrainConfig], tuple[Dataset, Dataset, list[str]]],
                  datasets_accepted: tuple[str, ...], default_dataset: str) -> None:
@@ -293,10 +303,21 @@ class _DetectionEvaluator:
 class SegmentationTask(Task):
     """Semantic segmentation: per-pixel cross-entropy, ``ignore_index`` pixels left out.
 
-    A batch is images (N, 3, H, W) and masks (N, H, W) of class indices. The test metrics are
-    the mean IoU over classes (``miou``) and the pixel accuracy (``pixel_acc``) from
-    ``torchmetrics`` (``MulticlassJaccardIndex``, ``MulticlassAccuracy(average="micro")``),
-    and the mean test loss.
+    A train batch is images (N, 3, H, W) and masks (N, H, W) of class indices (fixed-size crops).
+    A test batch is images (N, 3, H, W) and a list of N masks, each at its label's own size
+    (the images were resized for the network, the masks were not): the network's class scores
+    are resized bilinearly to each mask's (H_i, W_i) before the arg-max
+    (:func:`scores_at_mask_size`), so every labelled pixel is counted once at its own
+    resolution, as the Pascal VOC protocol scores. The test metrics are the mean IoU over classes
+    (``miou``, from the confusion matrix summed over the whole test set; a class neither in the
+    labels nor in the predictions is left out of the mean) and the pixel accuracy
+    (``pixel_acc``) from ``torchmetrics`` (``MulticlassJaccardIndex``,
+    ``MulticlassAccuracy(average="micro")``), and the test loss.
+
+    Losses are means over scored pixels: the epoch's train and test loss are the summed
+    cross-entropy of every pixel that is not ``ignore_index`` divided by their number. A batch
+    with no scored pixel adds nothing to either sum (its loss is 0, its weight 0), so it never
+    makes the record NaN.
 
     Args:
         build: ``build(config) -> (train, test, classes)``, the segmentation data sets.
@@ -308,6 +329,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     headline = "miou"
     metrics = ("miou", "pixel_acc")
+    layouts = ("masks", "voc")
 
     def __init__(self, build: Callable[[TrainConfig], tuple[Dataset, Dataset, list[str]]],
                  datasets_accepted: tuple[str, ...], default_dataset: str,
@@ -320,11 +342,31 @@ class SegmentationTask(Task):
     def datasets(self, config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
         return self.build(config)
 
+    def collate(self, samples: Sequence[Any], *, train: bool) -> Batch:
+        """Train: stacked images and masks. Test: stacked images, the masks as a list, each at
+        its own size."""
+        if train:
+            return default_collate(samples)
+        images, masks = zip(*samples, strict=True)
+        return torch.stack(images), list(masks)
+
+    def to_device(self, batch: Batch, device: torch.device,
+                  memory_format: torch.memory_format) -> Batch:
+        images, masks = batch
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        if isinstance(masks, Tensor):
+            return images, masks.to(device, non_blocking=True)
+        return images, [mask.to(device, non_blocking=True) for mask in masks]
+
+    def loss_weight(self, targets: Any) -> Tensor | int:
+        """The scored pixels of a batch (a device tensor: no host sync)."""
+        return (targets != self.ignore_index).sum()
+
     def train_loss(self, net: nn.Module, inputs: Any, targets: Any, autocast: Autocast
                    ) -> tuple[Tensor, Tensor | None]:
         with autocast():
             logits = net(inputs).float()
-        return F.cross_entropy(logits, targets, ignore_index=self.ignore_index), None
+        return _pixel_mean_loss(logits, targets, self.ignore_index), None
 
     def evaluator(self, num_classes: int, device: torch.device, autocast: Autocast) -> Evaluator:
         return _SegmentationEvaluator(num_classes, self.ignore_index, device, autocast)
@@ -332,6 +374,40 @@ class SegmentationTask(Task):
     def describe(self, h: dict) -> str:
         return (f"train loss {h['train_loss']:.4f} | test loss {h['test_loss']:.4f} "
                 f"mIoU {h['miou']:.3f} pixel acc {h['pixel_acc']:.1%}")
+
+
+def _pixel_mean_loss(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """Cross-entropy summed over the scored pixels, divided by their number (0 when none)."""
+    total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+def scores_at_mask_size(logits: Tensor, masks: Sequence[Tensor]) -> list[Tensor]:
+    """Each image's class scores resized (bilinearly) to its mask's size.
+
+    Args:
+        logits: the network's scores for a batch of resized images.
+        masks: the batch's labels, each at its own size.
+
+    Shape:
+        logits (N, C, H, W), masks N x (H_i, W_i) -> N x (C, H_i, W_i)
+
+    Example:
+        >>> scores = scores_at_mask_size(torch.randn(2, 3, 8, 8),
+        ...                              [torch.zeros(5, 7), torch.zeros(9, 4)])
+        >>> [tuple(s.shape) for s in scores]
+        [(3, 5, 7), (3, 9, 4)]
+    """
+    if len(masks) != len(logits):
+        raise ValueError(f"scores_at_mask_size expected one mask per image ({len(logits)}), "
+                         f"got {len(masks)}")
+    resized = []
+    for scores, mask in zip(logits, masks, strict=True):
+        if scores.shape[-2:] != mask.shape[-2:]:
+            scores = F.interpolate(scores[None], size=tuple(mask.shape[-2:]), mode="bilinear",
+                                   align_corners=False)[0]
+        resized.append(scores)
+    return resized
 
 
 class _SegmentationEvaluator:
@@ -346,14 +422,20 @@ class _SegmentationEvaluator:
         self.ignore_index = ignore_index
         self.autocast = autocast
 
-    def update(self, net: nn.Module, inputs: Tensor, targets: Tensor) -> None:
+    def update(self, net: nn.Module, inputs: Tensor, targets: Tensor | Sequence[Tensor]) -> None:
         with self.autocast():
             logits = net(inputs).float()
-        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_index)
-        predicted = logits.argmax(1)
-        self.iou.update(predicted, targets)
-        self.pixels.update(predicted, targets)
-        self.totals.update(loss, loss.new_zeros((), dtype=torch.int64), len(targets))
+        scores = scores_at_mask_size(logits, targets)
+        predicted = torch.cat([s.argmax(0).flatten() for s in scores])
+        labels = torch.cat([mask.flatten() for mask in targets])
+        self.iou.update(predicted, labels)
+        self.pixels.update(predicted, labels)
+        # one (N=1) cross-entropy per image: the scores of different images differ in size
+        total = sum(F.cross_entropy(s[None], m[None], ignore_index=self.ignore_index,
+                                    reduction="sum") for s, m in zip(scores, targets, strict=True))
+        scored = (labels != self.ignore_index).sum()
+        self.totals.update(total / scored.clamp(min=1), labels.new_zeros(()), len(targets),
+                           weight=scored)
 
     def compute(self, info: Dist) -> dict[str, float]:
         sums = self.totals.reduced(info)

@@ -6,15 +6,17 @@ Examples::
         --download --out runs/cbam
     python -m examples.resizer_classifier.train --model vgg16 --cutmix-p 0 --data ~/cifar \\
         --weights ~/vgg16-imagenet.pt --out runs/vgg
-    python -m examples.resizer_classifier.train --model vgg16_resizer --dataset folder \\
-        --data ~/pictures --out runs/pictures
+    python -m examples.resizer_classifier.train --model vgg16_resizer --data ~/pictures \\
+        --out runs/pictures
     python -m examples.resizer_classifier.train --model vgg16_resizer_cbam --dataset digits \\
         --image-size 8 --arch vgg_tiny --output-size 32 --no-hflip --epochs 6 --lr-milestones 2 3 \\
         --out runs/digits
     torchrun --nproc_per_node=4 -m examples.resizer_classifier.train --model vgg16_resizer \\
         --data ~/cifar --out runs/resizer
 
-The defaults are the study's recipe: CIFAR-10 at 32x32; RandomCrop(32, padding=4), horizontal
+``--data ROOT`` is read as what it holds (an ImageFolder, CIFAR-10's folder; an empty ROOT with
+``--download`` fetches CIFAR-10; :mod:`examples.harness.layouts`). The defaults are the study's
+recipe: CIFAR-10 at 32x32; RandomCrop(32, padding=4), horizontal
 flip and ImageNet normalisation for training, normalisation only for testing; CutMix on a train
 batch with probability 0.5; SGD with lr 0.01 and plain (not Nesterov) momentum 0.9, batch size
 128, 300 epochs, the rate multiplied by 0.1 after epochs 100 and 150; the VGG enlarges to
@@ -125,7 +127,8 @@ def _output_size(text: str) -> int:
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(**RECIPE)
+    # --dataset stays "auto": --data decides (CIFAR-10 where it lies or is to be downloaded).
+    parser.set_defaults(**{key: value for key, value in RECIPE.items() if key != "dataset"})
     study = parser.add_argument_group("resizer study")
     study.add_argument("--arch", choices=ARCHS, default="vgg16",
                        help="the VGG behind the resizer (vgg_tiny: a narrow VGG16 for CPU runs)")
