@@ -64,8 +64,12 @@ def expected_parameters(neck: str, channels: list[int]) -> int:
             total += (len(channels) - 1) * (conv(256, 256, 2, bias=False) + 2 * 256)
         return total
     width, levels = 64, 5
-    total = sum(conv(c, width, 1, bias=False) + 2 * width for c in channels if c != width)
-    total += conv(channels[-1], width, 1, bias=False) + 2 * width  # P6 from C5
+    # EfficientDet's first layer: each node projects the backbone levels it reads (1x1 conv with
+    # its redundant bias + BN); C3 is read by one node, C4 and C5 by two each.
+    reads = [1] + [2] * (len(channels) - 1)
+    total = sum(r * (conv(c, width, 1) + 2 * width)
+                for r, c in zip(reads, channels, strict=True) if c != width)
+    total += conv(channels[-1], width, 1) + 2 * width  # P6 from C5
     node = conv(1, width, 3, bias=False) + conv(width, width, 1) + 2 * width
     fusion_weights = 2 * (levels - 1) + 3 * (levels - 2) + 2
     return total + 3 * (2 * (levels - 1) * node + fusion_weights)
