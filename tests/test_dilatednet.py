@@ -155,7 +155,7 @@ def test_analytic_fields_agree_with_gradients():
         side = field + 5 * STRIDE + 1
         with warnings.catch_warnings(), _one_thread():
             warnings.simplefilter("error")  # a box clipped by the border warns
-            measured = empirical_receptive_field(module, (3, side, side))
+            measured = empirical_receptive_field(module, (side, side), in_channels=3)
         assert measured.size == (field, field)
         assert measured.jump == (STRIDE, STRIDE)
         assert measured.start == ((STRIDE - 1) / 2,) * 2

@@ -7,7 +7,9 @@ there, and ``empirical_receptive_field`` warns about any box that touches the bo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -49,7 +51,8 @@ def assert_agree(module, size, channels, output_index=None, *, phased=False) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         measured = empirical_receptive_field(
-            module, (channels, *size), output_index, jump=analytic.jump if phased else None
+            module, size, in_channels=channels, output_index=output_index,
+            jump=analytic.jump if phased else None,
         )
     assert measured.size == analytic.size
     assert measured.jump == pytest.approx(analytic.jump)
@@ -149,14 +152,16 @@ def test_several_outputs_need_output_index():
     with pytest.raises(ValueError, match="output_index"):
         receptive_field(net, (32, 32))
     with pytest.raises(ValueError, match="output_index"):
-        empirical_receptive_field(net, (3, 32, 32))
+        empirical_receptive_field(net, (32, 32))
     assert receptive_field(net, (32, 32), output_index=-1).jump == (8, 8)
 
 
 def test_mapping_outputs_take_a_key():
     net = Lambda(lambda x: {"same": x, "wide": nn.functional.avg_pool2d(x, 5, 1, 2)})
     assert receptive_field(net, (16, 16), in_channels=1, output_index="wide").size == (5, 5)
-    assert empirical_receptive_field(net, (1, 16, 16), "wide").size == (5, 5)
+    assert empirical_receptive_field(net, (16, 16), in_channels=1, output_index="wide").size == (
+        5, 5
+    )
 
 
 def test_meta_device_module():
@@ -199,7 +204,7 @@ def test_random_stacks_agree(case):
     analytic = assert_agree(stack, (side, side), channels)
     out = stack(torch.zeros(1, channels, side, side))
     q = ((out.shape[-2] - 1) // 2, (out.shape[-1] - 1) // 2)
-    reached = gradient_map(stack, (channels, side, side)) > 0
+    reached = gradient_map(stack, side, in_channels=channels) > 0
     rows, cols = reached.any(1).nonzero().flatten(), reached.any(0).nonzero().flatten()
     box = ((rows[0].item(), rows[-1].item()), (cols[0].item(), cols[-1].item()))
     assert analytic.box(q) == box
@@ -357,7 +362,7 @@ def test_spatial_attention_agrees():
 def test_cbam_field_is_global_both_ways():
     assert receptive_field(CBAM(8, reduction=2), (16, 16)).is_global
     with pytest.warns(UserWarning, match="border"):
-        measured = empirical_receptive_field(CBAM(8, reduction=2), (8, 16, 20))
+        measured = empirical_receptive_field(CBAM(8, reduction=2), (16, 20))
     assert measured.size == (16, 20)
 
 
@@ -438,7 +443,7 @@ def reachable_offsets(dilations):
 
 @pytest.mark.parametrize("dilations", [(2, 2, 2), (1, 2, 5), (1, 2, 4), (1, 4, 4), (1, 3, 3)])
 def test_gridding_holes(dilations):
-    holes = gridding_holes(conv_stack(dilations), (1, 41, 41))
+    holes = gridding_holes(conv_stack(dilations), (41, 41))
     offsets = reachable_offsets(dilations)
     extent = max(offsets) - min(offsets) + 1
     assert int(holes.sum()) == extent**2 - len(offsets) ** 2
@@ -447,13 +452,13 @@ def test_gridding_holes(dilations):
         assert not holes.any()
     if dilations == (2, 2, 2):
         assert holes.any()
-    reached = gradient_map(conv_stack(dilations), (1, 41, 41)) > 0
+    reached = gradient_map(conv_stack(dilations), (41, 41)) > 0
     assert not (holes & reached).any()
 
 
 def test_max_pooling_does_not_hide_the_field():
     net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.MaxPool2d(3, 2, 1), nn.Conv2d(1, 1, 3))
-    assert not gridding_holes(net, (1, 32, 32)).any()
+    assert not gridding_holes(net, (32, 32)).any()
     assert_agree(net, (32, 32), 1)
 
 
@@ -468,14 +473,14 @@ def test_effective_field_is_smaller_than_theory_and_grows_with_depth():
     for depth in (8, 16):
         net = deep_stack(depth)
         halves.append((receptive_field(net, (64, 64)).size[0] - 1) / 2)
-        radii.append(effective_receptive_field(net, (4, 2 * depth + 9, 2 * depth + 9), samples=4))
+        radii.append(effective_receptive_field(net, 2 * depth + 9, samples=4))
     assert radii[0] < halves[0] and radii[1] < 0.75 * halves[1]
     assert radii[1] > radii[0]
     assert radii[1] / halves[1] < radii[0] / halves[0]
 
 
 def test_effective_field_of_identity_initialised_context_module_is_a_point():
-    assert effective_receptive_field(ContextModule(2), (2, 72, 72)) == 0.0
+    assert effective_receptive_field(ContextModule(2), (72, 72)) == 0.0
 
 
 def test_dead_output_pixel_is_reported():
@@ -484,12 +489,128 @@ def test_dead_output_pixel_is_reported():
         dead[0].weight.zero_()
         dead[0].bias.fill_(-1.0)
     with pytest.raises(ValueError, match="samples"):
-        effective_receptive_field(dead, (1, 9, 9))
+        effective_receptive_field(dead, (9, 9))
 
 
 def test_share_is_checked():
     with pytest.raises(ValueError, match="share"):
-        effective_receptive_field(nn.Conv2d(1, 1, 3), (1, 8, 8), share=0.0)
+        effective_receptive_field(nn.Conv2d(1, 1, 3), (8, 8), share=0.0)
+
+
+# --- one call form for every function -------------------------------------------------------
+
+
+class TwoOutputs(nn.Module):
+    """[conv, conv of conv], 3x3 dilated 2: two outputs with different fields and holes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(2, 2, 3, padding=2, dilation=2)
+        self.second = nn.Conv2d(2, 2, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        y = self.first(x)
+        return [y, self.second(y)]
+
+
+MEASURED = {
+    "gradient_map": gradient_map,
+    "empirical_receptive_field": empirical_receptive_field,
+    "gridding_holes": gridding_holes,
+    "effective_receptive_field": functools.partial(effective_receptive_field, samples=2),
+}
+ALL = {"receptive_field": receptive_field, "layer_receptive_fields": layer_receptive_fields,
+       **MEASURED}
+
+
+def same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("fn", [*ALL.values()], ids=[*ALL])
+def test_every_function_takes_size_and_output_the_same_way(fn):
+    parameters = inspect.signature(fn).parameters
+    assert list(parameters)[:2] == ["module", "input_size"]
+    assert parameters["input_size"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert parameters["in_channels"].kind is inspect.Parameter.KEYWORD_ONLY
+    for name in ("output_index", "position"):
+        if fn is not layer_receptive_fields:
+            assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert "input_shape" not in parameters
+
+
+@pytest.mark.parametrize("fn", [*ALL.values()], ids=[*ALL])
+def test_new_form_on_every_function(fn):
+    net = TwoOutputs()
+    kw = {} if fn is layer_receptive_fields else {"output_index": 1}
+    given = fn(net, (15, 15), in_channels=2, **kw)
+    assert same(fn(net, 15, **kw), given)  # an int is a square, C comes from the module
+    assert same(fn(net, input_size=(15, 15), **kw), given)
+    if fn is not layer_receptive_fields:
+        first = fn(net, (15, 15), output_index=0)
+        assert not same(first, given)  # output_index chooses
+        assert same(fn(net, (15, 15), output_index=0, position=(7, 7)), first)  # the centre
+
+
+@pytest.mark.parametrize("name", [*MEASURED])
+def test_old_forms_warn_and_give_the_same_results(name):
+    fn = MEASURED[name]
+    net = TwoOutputs()
+    new = fn(net, (15, 15), output_index=1)
+    positional = [0.95] if name == "effective_receptive_field" else []
+    old_calls = {
+        "(C, H, W)": lambda: fn(net, (2, 15, 15), output_index=1),
+        "(N, C, H, W)": lambda: fn(net, (4, 2, 15, 15), output_index=1),
+        "input_shape=": lambda: fn(net, input_shape=(2, 15, 15), output_index=1),
+        "positional index": lambda: fn(net, (2, 15, 15), *positional, 1),
+    }
+    expected = {
+        "(C, H, W)": r"input_size=\(15, 15\), in_channels=2 .* instead of input_size=\(2, 15",
+        "(N, C, H, W)": r"in_channels=2 .* instead of input_size=\(4, 2, 15, 15\)",
+        "input_shape=": r"input_size=\(15, 15\), in_channels=2 .* instead of input_shape=",
+        "positional index": r"output_index=1 as a keyword",
+    }
+    for form, call in old_calls.items():
+        with pytest.warns(DeprecationWarning, match=f"{name}: .*0.3; write .*{expected[form]}"):
+            assert same(call(), new), form
+    with pytest.warns(DeprecationWarning, match="input_size= instead of input_shape="):
+        assert same(fn(net, input_shape=(15, 15), output_index=1), new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn(net, (15, 15), output_index=1)  # the new form does not warn
+
+
+@pytest.mark.parametrize("fn", [*ALL.values()], ids=[*ALL])
+def test_errors_name_the_argument(fn):
+    net = TwoOutputs()
+    for size in [(1, 2, 3, 4, 5), 0, (15, -1)]:
+        with pytest.raises(ValueError, match="input_size"):
+            fn(net, size)
+    with pytest.raises(ValueError, match="in_channels"):
+        fn(net, 15, in_channels=0)
+    with pytest.raises(ValueError, match="pass in_channels"):
+        fn(nn.AvgPool2d(3, 1, 1), 15)
+    if fn is not layer_receptive_fields:
+        with pytest.raises(ValueError, match="output_index"):
+            fn(net, 15)
+        with pytest.raises(ValueError, match="output_index 2 is not one of"):
+            fn(net, 15, output_index=2)
+        with pytest.raises(ValueError, match="position"):
+            fn(net, 15, output_index=0, position=(15, 0))
+
+
+@pytest.mark.parametrize("fn", [*MEASURED.values()], ids=[*MEASURED])
+def test_old_forms_that_contradict_the_new_are_refused(fn):
+    net = TwoOutputs()
+    with pytest.raises(TypeError, match="input_shape"):
+        fn(net, (15, 15), input_shape=(2, 15, 15))
+    with pytest.raises(ValueError, match="in_channels=3 disagrees with C=2"):
+        fn(net, (2, 15, 15), in_channels=3, output_index=0)
+    with pytest.raises(ValueError, match="input_size"):
+        fn(net, (2, 0, 15), output_index=0)
+    positional = [0.95] if "effective" in str(fn) else []
+    with pytest.raises(TypeError, match="output_index"):
+        fn(net, (15, 15), *positional, 0, output_index=0)
 
 
 # --- the user's module is never touched -----------------------------------------------------
@@ -509,10 +630,10 @@ def test_tools_leave_the_module_untouched():
     before = snapshot(block)
     receptive_field(block, (24, 24))
     layer_receptive_fields(block, (24, 24))
-    empirical_receptive_field(block, (8, 24, 24))
-    gridding_holes(block, (8, 24, 24))
-    effective_receptive_field(block, (8, 24, 24), samples=2)
-    gradient_map(block, (8, 24, 24), weights="real")
+    empirical_receptive_field(block, (24, 24))
+    gridding_holes(block, (24, 24))
+    effective_receptive_field(block, (24, 24), samples=2)
+    gradient_map(block, (24, 24), weights="real")
     after = snapshot(block)
     assert before[1:] == after[1:]
     assert before[0].keys() == after[0].keys()

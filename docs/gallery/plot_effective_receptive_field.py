@@ -41,9 +41,8 @@ networks = {
 
 fig, axes = plt.subplots(1, len(networks), figsize=(10, 5.2), layout="constrained")
 for ax, (title, net) in zip(axes, networks.items()):
-    shape = (1, SIZE, SIZE)
-    heat = gradient_map(net, shape, weights="real", samples=SAMPLES)
-    radius = effective_receptive_field(net, shape, share=0.95, samples=SAMPLES)
+    heat = gradient_map(net, (SIZE, SIZE), weights="real", samples=SAMPLES)
+    radius = effective_receptive_field(net, (SIZE, SIZE), share=0.95, samples=SAMPLES)
     rf = receptive_field(net, (SIZE, SIZE))
     centre = (SIZE - 1) // 2
     (y0, y1), (x0, x1) = rf.box((centre, centre))
@@ -62,4 +61,4 @@ plt.show()
 net = networks["dilations 1, 1, 2, 4, 8, 16, 1, 1"]
 for share in (0.5, 0.9, 0.95, 0.99):
     print(f"{share:.0%} of the gradient mass within r = "
-          f"{effective_receptive_field(net, (1, SIZE, SIZE), share=share, samples=SAMPLES):.1f} px")
+          f"{effective_receptive_field(net, (SIZE, SIZE), share=share, samples=SAMPLES):.1f} px")

@@ -26,10 +26,10 @@ stacks = {
 
 fig, axes = plt.subplots(2, len(stacks), figsize=(10, 6.8), layout="constrained")
 for (dilations, stack), top, bottom in zip(stacks.items(), axes[0], axes[1]):
-    heat = gradient_map(stack, (1, SIZE, SIZE))
+    heat = gradient_map(stack, (SIZE, SIZE))
     rf = receptive_field(stack, (SIZE, SIZE))
     (y0, y1), (x0, x1) = rf.box(((SIZE - 1) // 2, (SIZE - 1) // 2))
-    holes = gridding_holes(stack, (1, SIZE, SIZE))
+    holes = gridding_holes(stack, (SIZE, SIZE))
     top.imshow(heat.numpy(), cmap="magma")
     top.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False,
                             edgecolor="cyan", linewidth=1.5))

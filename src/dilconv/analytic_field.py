@@ -280,8 +280,8 @@ def receptive_field(
 
     Args:
         module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
-        input_size: ``(H, W)`` of the input (sizes matter for interpolation to exact sizes,
-            adaptive pooling and the output pixel chosen).
+        input_size: ``(H, W)`` of the input, or one int for a square (sizes matter for
+            interpolation to exact sizes, adaptive pooling and the output pixel chosen).
         in_channels: C; by default the module's ``in_channels`` attribute or the input
             channels of its first registered convolution.
         output_index: which output to report when the module returns several (an index, or
@@ -324,7 +324,7 @@ def layer_receptive_fields(
 
     Args:
         module: called with one NCHW tensor.
-        input_size: ``(H, W)`` of the input.
+        input_size: ``(H, W)`` of the input, or one int for a square.
         in_channels: C; by default inferred as in :func:`receptive_field`.
 
     Returns:

@@ -11,6 +11,12 @@ where the smallest gradient nears float32's range). Then every
 activation is positive, no ReLU is closed and nothing cancels: an input pixel has a non-zero
 gradient exactly when some path reaches it. The effective receptive field instead uses the
 module's real weights. The module passed in is never modified.
+
+Every function takes its arguments as :func:`~dilconv.receptive_field` does:
+``(module, input_size, *, in_channels=None, output_index=None, position=None, ...)``, with
+``input_size`` an int or ``(H, W)`` and ``in_channels`` inferred from the module unless given.
+dilconv 0.1's forms (``input_shape=(C, H, W)``, a ``(C, H, W)`` size, ``output_index`` passed
+positionally) still work until dilconv 0.3, with a ``DeprecationWarning`` saying what to write.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from dilconv._checks import check_choice, check_positive
+from dilconv._checks import check_choice, check_positive, pair
+from dilconv._field_call_forms import old_call_forms
 from dilconv._field_trace import _two
 from dilconv.analytic_field import (
     OutputIndex,
     ReceptiveField,
+    _in_channels,
     _number,
     _position,
     _select_output,
@@ -108,16 +116,15 @@ def _all_paths(module: nn.Module) -> nn.Module:
     return module
 
 
-def _input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(input_shape)
-    if len(shape) not in (3, 4):
-        raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W), got {shape}")
-    for n in shape:
-        check_positive("input_shape", n)
-    return shape[-3], shape[-2], shape[-1]
+def _input_shape(
+    module: nn.Module, input_size: int | Sequence[int], in_channels: int | None
+) -> tuple[int, int, int]:
+    """``(C, H, W)`` from ``input_size`` and ``in_channels`` (inferred as receptive_field does)."""
+    height, width = pair("input_size", input_size)
+    return _in_channels(module, in_channels), height, width
 
 
-def _gradients(module: nn.Module, input_shape: Sequence[int], output_index: OutputIndex,
+def _gradients(module: nn.Module, shape: tuple[int, int, int], output_index: OutputIndex,
                position: Sequence[int] | None, *, probes: int, weights: str, samples: int = 1,
                seed: int = 0) -> tuple[Tensor, list[tuple[int, int]], tuple[int, int]]:
     """|d out[b, :, y, x].sum() / d input| summed over channels, one map per probe.
@@ -126,7 +133,6 @@ def _gradients(module: nn.Module, input_shape: Sequence[int], output_index: Outp
     ends), so that two probes show how the field moves. Returns the maps (probes, H, W) averaged
     over ``samples`` inputs, the probed positions and the output's spatial size.
     """
-    shape = _input_shape(input_shape)
     copy = deepcopy(module).eval().requires_grad_(False)
     if weights == "real":
         return _backward(copy, shape, output_index, position, probes, samples, seed, None)
@@ -180,11 +186,13 @@ def _box(mask: Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
     return (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
 
 
+@old_call_forms(positional=1)
 def gradient_map(
     module: nn.Module,
-    input_shape: Sequence[int],
-    output_index: OutputIndex = None,
+    input_size: int | Sequence[int],
     *,
+    in_channels: int | None = None,
+    output_index: OutputIndex = None,
     position: Sequence[int] | None = None,
     weights: str = "positive",
     samples: int = 1,
@@ -194,8 +202,11 @@ def gradient_map(
 
     Args:
         module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
-        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
-        output_index: which output, when the module returns several.
+        input_size: ``(H, W)`` of the input, or one int for a square.
+        in_channels: C; by default inferred as in :func:`~dilconv.receptive_field` (the
+            module's ``in_channels`` attribute or the input channels of its first convolution).
+        output_index: which output, when the module returns several (an index, or a key of a
+            mapping).
         position: ``(y, x)`` output pixel; default the centre of the output.
         weights: ``"positive"`` (every path counts, see the module docstring) or ``"real"``
             (the module's own weights, standard normal inputs).
@@ -203,13 +214,14 @@ def gradient_map(
         seed: seed of the random inputs.
 
     Shape:
-        output (H, W), float.
+        input: ``samples`` draws of (C, H, W) with ``(H, W)`` = ``input_size`` -> output (H, W),
+        float.
 
     Example:
         >>> from torch import nn
         >>> from dilconv import gradient_map
         >>> conv = nn.Conv2d(1, 1, 3, padding=2, dilation=2)
-        >>> (gradient_map(conv, (1, 7, 7)) > 0).int()[1:6, 1:6]
+        >>> (gradient_map(conv, (7, 7)) > 0).int()[1:6, 1:6]
         tensor([[1, 0, 1, 0, 1],
                 [0, 0, 0, 0, 0],
                 [1, 0, 1, 0, 1],
@@ -218,16 +230,19 @@ def gradient_map(
     """
     check_choice("weights", weights, ("positive", "real"))
     check_positive("samples", samples)
-    maps, _, _ = _gradients(module, input_shape, output_index, position, probes=1,
-                            weights=weights, samples=samples, seed=seed)
+    shape = _input_shape(module, input_size, in_channels)
+    maps, _, _ = _gradients(module, shape, output_index, position, probes=1, weights=weights,
+                            samples=samples, seed=seed)
     return maps[0]
 
 
+@old_call_forms(positional=1)
 def empirical_receptive_field(
     module: nn.Module,
-    input_shape: Sequence[int],
-    output_index: OutputIndex = None,
+    input_size: int | Sequence[int],
     *,
+    in_channels: int | None = None,
+    output_index: OutputIndex = None,
     position: Sequence[int] | None = None,
     jump: float | Sequence[float] | None = None,
 ) -> ReceptiveField:
@@ -244,24 +259,28 @@ def empirical_receptive_field(
 
     Args:
         module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
-        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
-        output_index: which output, when the module returns several.
+        input_size: ``(H, W)`` of the input, or one int for a square.
+        in_channels: C; by default inferred as in :func:`~dilconv.receptive_field` (the
+            module's ``in_channels`` attribute or the input channels of its first convolution).
+        output_index: which output, when the module returns several (an index, or a key of a
+            mapping).
         position: ``(y, x)`` output pixel; default the centre of the output.
         jump: ``(h, w)`` (or one number) to use instead of measuring it.
 
     Shape:
-        input: (2, C, H, W) (one probe pixel per sample, two to measure the jump; one with
-        ``jump`` given) -> the chosen output, spatial axes last.
+        input: (2, C, H, W) with ``(H, W)`` = ``input_size`` (one probe pixel per sample, two
+        to measure the jump; one with ``jump`` given) -> the chosen output, spatial axes last.
 
     Example:
         >>> from torch import nn
         >>> from dilconv import empirical_receptive_field
         >>> stack = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=d, dilation=d) for d in (1, 2, 4)))
-        >>> empirical_receptive_field(stack, (1, 32, 32))
+        >>> empirical_receptive_field(stack, (32, 32))
         ReceptiveField(size=(15, 15), jump=(1, 1), start=(0, 0))
     """
-    channels, height, width = _input_shape(input_shape)
-    maps, positions, size = _gradients(module, input_shape, output_index, position,
+    shape = _input_shape(module, input_size, in_channels)
+    _, height, width = shape
+    maps, positions, size = _gradients(module, shape, output_index, position,
                                        probes=1 if jump is not None else 2, weights="positive")
     boxes = [_box(m > 0) for m in maps]
     sizes: list[float] = []
@@ -280,7 +299,7 @@ def empirical_receptive_field(
         if lo == 0 or hi == n_in - 1:
             warnings.warn(
                 f"the measured field ({lo}..{hi} on axis {axis}) touches the border of the "
-                f"{height}x{width} input and may be clipped; use a larger input", stacklevel=2,
+                f"{height}x{width} input and may be clipped; use a larger input", stacklevel=3,
             )
         sizes.append(hi - lo + 1)
         jumps.append(_number(step))
@@ -288,11 +307,13 @@ def empirical_receptive_field(
     return ReceptiveField((sizes[0], sizes[1]), (jumps[0], jumps[1]), (starts[0], starts[1]))
 
 
+@old_call_forms(positional=1)
 def gridding_holes(
     module: nn.Module,
-    input_shape: Sequence[int],
-    output_index: OutputIndex = None,
+    input_size: int | Sequence[int],
     *,
+    in_channels: int | None = None,
+    output_index: OutputIndex = None,
     position: Sequence[int] | None = None,
 ) -> Tensor:
     """Input pixels inside the field's box that no path from the output pixel reaches.
@@ -303,28 +324,31 @@ def gridding_holes(
 
     Args:
         module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
-        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
-        output_index: which output, when the module returns several.
+        input_size: ``(H, W)`` of the input, or one int for a square.
+        in_channels: C; by default inferred as in :func:`~dilconv.receptive_field` (the
+            module's ``in_channels`` attribute or the input channels of its first convolution).
+        output_index: which output, when the module returns several (an index, or a key of a
+            mapping).
         position: ``(y, x)`` output pixel; default the centre of the output.
 
     Returns:
         bool tensor (H, W), True at the holes; ``.nonzero()`` lists them as (y, x).
 
     Shape:
-        input_shape (C, H, W) -> output (H, W), bool.
+        input: (1, C, H, W) with ``(H, W)`` = ``input_size`` -> output (H, W), bool.
 
     Example:
         >>> from torch import nn
         >>> from dilconv import gridding_holes
         >>> stack = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=d, dilation=d) for d in (1, 2, 5)))
-        >>> bool(gridding_holes(stack, (1, 33, 33)).any())
+        >>> bool(gridding_holes(stack, (33, 33)).any())
         False
         >>> stack = nn.Sequential(*(nn.Conv2d(1, 1, 3, padding=2, dilation=2) for _ in range(3)))
-        >>> int(gridding_holes(stack, (1, 33, 33)).sum())
+        >>> int(gridding_holes(stack, 33).sum())
         120
     """
-    maps, _, _ = _gradients(module, input_shape, output_index, position, probes=1,
-                            weights="positive")
+    shape = _input_shape(module, input_size, in_channels)
+    maps, _, _ = _gradients(module, shape, output_index, position, probes=1, weights="positive")
     reached = maps[0] > 0
     (top, bottom), (left, right) = _box(reached)
     inside = torch.zeros_like(reached)
@@ -332,12 +356,14 @@ def gridding_holes(
     return inside & ~reached
 
 
+@old_call_forms(positional=2)
 def effective_receptive_field(
     module: nn.Module,
-    input_shape: Sequence[int],
+    input_size: int | Sequence[int],
     share: float = 0.95,
-    output_index: OutputIndex = None,
     *,
+    in_channels: int | None = None,
+    output_index: OutputIndex = None,
     position: Sequence[int] | None = None,
     samples: int = 8,
     seed: int = 0,
@@ -366,9 +392,12 @@ def effective_receptive_field(
 
     Args:
         module: called with one NCHW tensor; may return a tensor, a sequence or a mapping.
-        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` (``N`` is ignored).
+        input_size: ``(H, W)`` of the input, or one int for a square.
         share: fraction of the gradient mass the radius holds, in (0, 1].
-        output_index: which output, when the module returns several.
+        in_channels: C; by default inferred as in :func:`~dilconv.receptive_field` (the
+            module's ``in_channels`` attribute or the input channels of its first convolution).
+        output_index: which output, when the module returns several (an index, or a key of a
+            mapping).
         position: ``(y, x)`` output pixel; default the centre of the output.
         samples: :math:`N`, standard-normal inputs averaged over.
         seed: seed of the random inputs.
@@ -377,19 +406,20 @@ def effective_receptive_field(
         :math:`\rho`, in input pixels.
 
     Shape:
-        input: ``samples`` draws of (C, H, W) -> a float.
+        input: ``samples`` draws of (C, H, W) with ``(H, W)`` = ``input_size`` -> a float.
 
     Example:
         >>> from torch import nn
         >>> from dilconv import effective_receptive_field
-        >>> effective_receptive_field(nn.Conv2d(3, 8, 1), (3, 9, 9))
+        >>> effective_receptive_field(nn.Conv2d(3, 8, 1), (9, 9))
         0.0
     """
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
     check_positive("samples", samples)
-    maps, _, _ = _gradients(module, input_shape, output_index, position, probes=1,
-                            weights="real", samples=samples, seed=seed)
+    shape = _input_shape(module, input_size, in_channels)
+    maps, _, _ = _gradients(module, shape, output_index, position, probes=1, weights="real",
+                            samples=samples, seed=seed)
     mass = maps[0].double()
     if not mass.any():
         raise ValueError(
