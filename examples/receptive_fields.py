@@ -78,7 +78,7 @@ def _measured(key: str) -> tuple[str, nn.Module, tuple[int, int, int], Tensor]:
     else:
         title = f"{PAPER_NAMES[key]}, stage 3 (C4)"
         module, shape = Stages(MODELS[key]().backbone, 3), (3, IMAGE_SIZE, IMAGE_SIZE)
-    return title, module, shape, gradient_map(module, shape)
+    return title, module, shape, gradient_map(module, shape[1:], in_channels=shape[0])
 
 
 def receptive_field_table() -> list[dict]:
@@ -97,7 +97,7 @@ def receptive_field_table() -> list[dict]:
             "layer": f"{depth} (dilation {context.dilations[depth - 1]})",
             "paper": paper,
             "analytic": receptive_field(prefix, shape[1:], in_channels=shape[0]).size[0],
-            "measured": _extent(gradient_map(prefix, shape)),
+            "measured": _extent(gradient_map(prefix, shape[1:], in_channels=shape[0])),
         })
     for key in ("fpn", "dfpn"):
         _, stages, shape, heat = _measured(key)
