@@ -438,6 +438,12 @@ class BiFPN(nn.Module):
       194 k parameters, 0.49 against 0.55 GFLOPs at 512 x 512), but not EfficientDet's network;
       dilconv 0.1's only form.
 
+    Each new level halves the previous one (rounded up), so P7 is one pixel whenever P3 is at
+    most 16 x 16 (images up to 128 x 128 at strides 8-32); BatchNorm in train mode then needs a
+    batch of at least two. For batches of one use larger images, ``norm_layer=partial(
+    nn.GroupNorm, g)``, ``FrozenBatchNorm2d`` or eval-mode norms (see the guide "A dilconv block
+    in your own model").
+
     With ``extra_level=True`` one coarser level, ``max_pool2d(coarsest output, kernel_size=1,
     stride=2)``, is appended after the last layer, as torchvision's ``LastLevelMaxPool`` does
     (keyed ``"pool"`` for mappings).
