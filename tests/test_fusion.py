@@ -191,7 +191,7 @@ def test_gradcheck_of_the_inputs(mode, backward_path):
     assert torch.autograd.gradcheck(lambda a, b: fuse([a, b]), inputs)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.filterwarnings("error:There is a performance drop")
 def test_per_sample_gradients_with_torch_func(backward_path):
     fuse = WeightedFusion(2)
     params = {"weight": torch.tensor([0.3, 1.2])}

@@ -29,8 +29,20 @@ _LEAN_BACKWARD_MIN_NUMEL = 1 << 16
 60 us a call, forward and backward) exceeds what its backward saves (about 1 ns an element)."""
 
 
+def _transforming() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...) is active.
+
+    Under one, tensors are functorch wrappers: ``addcmul_`` has no batching rule (``vmap``
+    would fall back to a loop over the samples) and memory-format queries are not implemented.
+    """
+    return torch._C._are_functorch_transforms_active()
+
+
 def _inner(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum()``, as one BLAS dot product where both share a dense float layout."""
+    """``(a * b).sum()`` in the promoted dtype, as one BLAS dot product where both share a dense
+    float32/float64 layout."""
+    if _transforming():
+        return (a * b).sum()
     same_layout = a.dtype == b.dtype and a.stride() == b.stride()
     if same_layout and a.dtype in (torch.float32, torch.float64):
         channels_last = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
@@ -42,10 +54,16 @@ def _inner(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _weighted_sum(factors: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """``sum_i factors[i] * inputs[i]`` accumulated in one output buffer."""
-    out = inputs[0] * factors[0]
+    """``sum_i factors[i] * inputs[i]`` in ``factors``' dtype, accumulated in one output buffer.
+
+    ``factors[i]`` may be a scalar or any tensor that broadcasts against the inputs.
+    """
+    out = inputs[0].to(factors.dtype) * factors[0]
     for i in range(1, len(inputs)):
-        out.addcmul_(inputs[i], factors[i])
+        if _transforming():
+            out = torch.addcmul(out, inputs[i], factors[i])
+        else:
+            out.addcmul_(inputs[i], factors[i])
     return out
 
 
@@ -54,9 +72,11 @@ class _WeightedSum(torch.autograd.Function):
 
     Autograd through ``mul`` and ``addcmul_`` would take four full-size products per input in
     the backward pass; here each input costs one (its gradient) and each factor one dot product.
+    The output, the factors' gradients and the products behind them are in the factors' dtype
+    (float32 or float64), whatever the inputs'. The map is bilinear in (factors, inputs), so
+    its forward-mode derivative is the same sum over the tangents (:meth:`jvp`); under
+    ``torch.func.vmap`` the batch dimension is moved first and broadcast (:meth:`vmap`).
     """
-
-    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) traces forward/backward
 
     @staticmethod
     def forward(factors: Tensor, *inputs: Tensor) -> Tensor:
@@ -65,6 +85,7 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # a C++ node's ctx
@@ -72,9 +93,38 @@ class _WeightedSum(torch.autograd.Function):
         needs_factors, *needs_inputs = ctx.needs_input_grad
         grad_factors = torch.stack([_inner(grad, x) for x in inputs]) if needs_factors else None
         grad_inputs = [
-            grad * factors[i] if needed else None for i, needed in enumerate(needs_inputs)
+            (grad * factors[i]).to(inputs[i].dtype) if needed else None
+            for i, needed in enumerate(needs_inputs)
         ]
         return (grad_factors, *grad_inputs)
+
+    @staticmethod
+    def jvp(ctx: Any, factors_tangent: Tensor | None, *inputs_tangent: Tensor | None) -> Tensor:
+        factors, *inputs = ctx.saved_tensors
+        dtype = factors.dtype
+        terms = []
+        for i, (x, x_tangent) in enumerate(zip(inputs, inputs_tangent, strict=True)):
+            if factors_tangent is not None:
+                terms.append(x.to(dtype) * factors_tangent[i])
+            if x_tangent is not None:
+                terms.append(x_tangent.to(dtype) * factors[i])
+        return reduce(torch.add, terms)
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, ...], factors: Tensor, *inputs: Tensor
+    ) -> tuple[Tensor, int]:
+        factors_dim, *inputs_dims = in_dims
+        batch = info.batch_size
+        maps = [
+            x.expand(batch, *x.shape) if d is None else x.movedim(d, 0)
+            for x, d in zip(inputs, inputs_dims, strict=True)
+        ]
+        # (num_inputs, batch, 1, ...): factor i of sample b broadcast over that sample's map.
+        if factors_dim is not None:
+            factors = factors.movedim(factors_dim, 1)
+        factors = factors.reshape(factors.shape[0], -1, *[1] * (maps[0].dim() - 1))
+        return _weighted_sum(factors, maps), 0
 
 
 class WeightedFusion(nn.Module):
@@ -174,19 +224,22 @@ class WeightedFusion(nn.Module):
             for x in inputs[2:]:
                 out.add_(x)
             return out
-        factors = self.fusion_weights().to(dtype)
-        inputs = [inputs[0].to(dtype), *inputs[1:]]
+        # Products and sums in float32 (float64 for float64 inputs), the output rounded once
+        # to the inputs' dtype: the factors' gradients are then reduced in float32 too.
+        factors = self.fusion_weights().to(torch.promote_types(dtype, torch.float32))
         # The lean backward only for large maps, in eager, when a gradient is wanted; elsewhere
         # plain ops (also what Dynamo needs: compiled, Inductor fuses the backward itself, and
         # its no-grad path for an autograd.Function mis-binds a forward that takes *inputs).
+        # jit.trace's check re-traces under no_grad: traced code always takes the plain path.
         if (
             not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in (factors, *inputs))
             and inputs[0].numel() >= _LEAN_BACKWARD_MIN_NUMEL
         ):
-            return _WeightedSum.apply(factors, *inputs)
-        return _weighted_sum(factors, inputs)
+            return _WeightedSum.apply(factors, *inputs).to(dtype)
+        return _weighted_sum(factors, inputs).to(dtype)
 
     def extra_repr(self) -> str:
         return f"num_inputs={self.num_inputs}, eps={self.eps}, mode={self.mode!r}"
