@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from dilconv._checks import check_choice, check_positive, check_same_shape
+from dilconv._checks import check_choice, check_positive, check_same_shape, is_tracing
 from dilconv._layers import Device, DType
 
 __all__ = ["WeightedFusion"]
@@ -127,6 +127,35 @@ class _WeightedSum(torch.autograd.Function):
         return _weighted_sum(factors, maps), 0
 
 
+def _promoted_dtype(inputs: Sequence[Tensor]) -> torch.dtype:
+    """The dtype ``inputs[0] + inputs[1] + ...`` would have."""
+    return reduce(torch.promote_types, (x.dtype for x in inputs))
+
+
+def _plain_fusion(factors: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """:func:`_weighted_sum` in float32 (float64 for float64 inputs), rounded once to the
+    inputs' promoted dtype; autograd then reduces the factors' gradients in float32 too."""
+    dtype = _promoted_dtype(inputs)
+    factors = factors.to(torch.promote_types(dtype, torch.float32))
+    return _weighted_sum(factors, inputs).to(dtype)
+
+
+def _plain_sum(inputs: Sequence[Tensor]) -> Tensor:
+    """``inputs[0] + inputs[1] + ...`` in one output buffer (a new tensor for one input)."""
+    dtype = _promoted_dtype(inputs)
+    if len(inputs) == 1:
+        return inputs[0].to(dtype, copy=True)
+    out = inputs[0].to(dtype) + inputs[1]
+    for x in inputs[2:]:
+        out.add_(x)
+    return out
+
+
+# torch.fx records these as single calls (they read dtypes, which a proxy does not have).
+torch.fx.wrap("_plain_fusion")
+torch.fx.wrap("_plain_sum")
+
+
 class WeightedFusion(nn.Module):
     r"""Sums ``num_inputs`` same-shaped tensors with learned, normalised scalar weights.
 
@@ -148,10 +177,14 @@ class WeightedFusion(nn.Module):
       state_dict layout, but as a buffer (all ones, unused): a parameter that never receives
       a gradient would stop DistributedDataParallel.
 
-    The normalisation runs in float32 and the factors are then cast to the inputs' dtype, so
-    the output stays finite in float16/bfloat16 even with every weight driven to zero (the
-    output is then zero). Inputs of different floating dtypes are combined in their promoted
-    dtype, as ``a + b`` would.
+    Precision: the weights are normalised in float32, whatever the parameter's dtype; the
+    products and their sum run in float32 (float64 when an input is float64) and the output is
+    rounded once to the inputs' promoted dtype, the dtype ``a + b`` would have. With float16 or
+    bfloat16 inputs (autocast included) the backward pass is then float32 too: each weight's
+    gradient, a sum over every element of the maps, is accumulated and returned in float32, and
+    the inputs' gradients are computed in float32 and rounded to their dtype. This costs one
+    float32 buffer the size of the output. The output stays finite even with every weight
+    driven to zero (it is then zero). ``"sum"`` mode adds in the promoted dtype.
 
     Args:
         num_inputs: number of tensors fused.
@@ -216,30 +249,25 @@ class WeightedFusion(nn.Module):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         check_same_shape(inputs, count=self.num_inputs, name=type(self).__name__)
-        dtype = reduce(torch.promote_types, (x.dtype for x in inputs))
         if self.mode == "sum":
-            if len(inputs) == 1:
-                return inputs[0].to(dtype, copy=True)
-            out = inputs[0].to(dtype) + inputs[1]
-            for x in inputs[2:]:
-                out.add_(x)
-            return out
-        # Products and sums in float32 (float64 for float64 inputs), the output rounded once
-        # to the inputs' dtype: the factors' gradients are then reduced in float32 too.
-        factors = self.fusion_weights().to(torch.promote_types(dtype, torch.float32))
+            return _plain_sum(inputs)
+        factors = self.fusion_weights()
         # The lean backward only for large maps, in eager, when a gradient is wanted; elsewhere
         # plain ops (also what Dynamo needs: compiled, Inductor fuses the backward itself, and
         # its no-grad path for an autograd.Function mis-binds a forward that takes *inputs).
-        # jit.trace's check re-traces under no_grad: traced code always takes the plain path.
+        # Traced code takes the plain path at every size and grad mode: jit.trace's check
+        # re-traces under no_grad, and a traced graph serves every size.
         if (
             not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
+            and not is_tracing()
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in (factors, *inputs))
             and inputs[0].numel() >= _LEAN_BACKWARD_MIN_NUMEL
         ):
+            dtype = _promoted_dtype(inputs)
+            factors = factors.to(torch.promote_types(dtype, torch.float32))
             return _WeightedSum.apply(factors, *inputs).to(dtype)
-        return _weighted_sum(factors, inputs).to(dtype)
+        return _plain_fusion(factors, inputs)
 
     def extra_repr(self) -> str:
         return f"num_inputs={self.num_inputs}, eps={self.eps}, mode={self.mode!r}"
