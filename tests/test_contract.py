@@ -358,6 +358,14 @@ def bad_inputs(case: Case) -> dict[str, tuple[tuple, str]]:
         fewer, rf"expected {count} feature maps \(one per in_channels entry\), got {count - 1}"
     )
     bad["batch"] = (with_level(1, torch.cat([one, one])), "expected one batch size")
+    finest = maps[0].shape[-2:]
+    larger = torch.randn(*one.shape[:2], finest[0] + 1, finest[1])
+    bad["order"] = (
+        with_level(1, larger),
+        rf"expected levels fine to coarse \(height and width not growing from one level to the "
+        rf"next\), got level {keys[1]} of size \({finest[0] + 1}, {finest[1]}\) after level "
+        rf"{keys[0]} of size \({finest[0]}, {finest[1]}\)",
+    )
     bad["empty"] = (
         map_tensors(lambda t: t[..., :0], (good,)), "expected a non-empty spatial size"
     )
@@ -368,7 +376,7 @@ BAD_INPUT_CASES = [
     param(case, mutation, name=f"{case.name}-{mutation}")
     for case in CASES
     if case.runs("bad_input")
-    for mutation in ("rank", "channels", "levels", "batch", "empty")
+    for mutation in ("rank", "channels", "levels", "batch", "order", "empty")
     if mutation in bad_inputs(case)
 ]
 
@@ -571,6 +579,19 @@ def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return sum((x * y).sum() for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("case", [param(case) for case in CASES if case.large])
+def test_sizes_straddle_the_fusion_threshold(case, monkeypatch):
+    # The transform checks run at ``size`` and ``large`` to test both of WeightedFusion's
+    # paths: training takes the plain one at the first, the lean Function at the second.
+    lean = dilconv.fusion._WeightedSum
+    calls = []
+    monkeypatch.setattr(lean, "apply", lambda *args: calls.append(1) or lean.forward(*args))
+    for size, expected in [(case.size, False), (case.large, True)]:
+        calls.clear()
+        build(case).train()(*map_tensors(lambda t: t.requires_grad_(), inputs(case, size)))
+        assert bool(calls) == expected, size
+
+
 @pytest.mark.parametrize(("case", "size", "layout"), transform_cases("jvp"))
 def test_jvp_agrees_with_reverse_mode(case, size, layout):
     # <J t, u> = <t, J^T u>: forward mode (torch.func.jvp) against plain autograd.
@@ -635,6 +656,7 @@ def test_hessian_matches_double_backward(case, size, layout):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
 @pytest.mark.parametrize(
     ("case", "size", "layout", "grad"), transform_cases("jit_trace", (True,), (False,))
 )

@@ -211,8 +211,8 @@ def check_levels(
         if coarser[0] > finer[0] or coarser[1] > finer[1]:
             raise ValueError(
                 f"{name} expected levels fine to coarse (height and width not growing from one "
-                f"level to the next), got level {labels[i]!r} of {tuple(coarser)} after level "
-                f"{labels[i - 1]!r} of {tuple(finer)}"
+                f"level to the next), got level {labels[i]} of size {tuple(coarser)} after level "
+                f"{labels[i - 1]} of size {tuple(finer)}"
             )
     return got_keys, maps
 
