@@ -532,8 +532,11 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 KNOWN_FAILURE = "fixed in bifpn.py by the lead"
 
 
-def transform_cases(check: str, *extra: tuple, formats: bool = True) -> list:
-    """``(case, size, layout, *extra)`` for every size and memory format ``check`` runs at."""
+def transform_cases(
+    check: str, *extra: tuple, formats: bool = True, slow_large_necks: bool = False
+) -> list:
+    """``(case, size, layout, *extra)`` for every size and memory format ``check`` runs at;
+    ``slow_large_necks`` marks a BiFPN's large size slow (a second or more a test)."""
     params = []
     for case in CASES:
         if not case.runs(check):
@@ -542,7 +545,8 @@ def transform_cases(check: str, *extra: tuple, formats: bool = True) -> list:
         layouts = list(LAYOUTS) if case.converts and formats else ["nchw"]
         for (label, size), layout in itertools.product(sizes.items(), layouts):
             for values in extra or [()]:
-                marks = [pytest.mark.slow] if case.slow else []
+                slow = case.slow or (slow_large_necks and label == "large" and case.converts)
+                marks = [pytest.mark.slow] if slow else []
                 if check in case.known_failures and layout == "nchw":
                     marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURE))
                 ids = "-".join([case.name, label, layout, *map(str, values)])
@@ -630,7 +634,9 @@ def test_per_sample_gradients_match_a_loop(case, size, layout):
         torch.testing.assert_close(got, list(expected), **FLOAT64_CLOSE)
 
 
-@pytest.mark.parametrize(("case", "size", "layout"), transform_cases("hessian"))
+@pytest.mark.parametrize(
+    ("case", "size", "layout"), transform_cases("hessian", slow_large_necks=True)
+)
 def test_hessian_matches_double_backward(case, size, layout):
     # The Hessian of a scalar along three random directions of (parameters, inputs):
     # torch.func (forward over reverse, vmapped) against autograd's reverse over reverse.
@@ -658,7 +664,8 @@ def test_hessian_matches_double_backward(case, size, layout):
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
 @pytest.mark.parametrize(
-    ("case", "size", "layout", "grad"), transform_cases("jit_trace", (True,), (False,))
+    ("case", "size", "layout", "grad"),
+    transform_cases("jit_trace", (True,), (False,), slow_large_necks=True),
 )
 def test_jit_trace_passes_its_check(case, size, layout, grad):
     # torch.jit.trace's default check re-traces under no_grad and compares the graphs.
