@@ -180,11 +180,12 @@ class WeightedFusion(nn.Module):
     Precision: the weights are normalised in float32, whatever the parameter's dtype; the
     products and their sum run in float32 (float64 when an input is float64) and the output is
     rounded once to the inputs' promoted dtype, the dtype ``a + b`` would have. With float16 or
-    bfloat16 inputs (autocast included) the backward pass is then float32 too: each weight's
-    gradient, a sum over every element of the maps, is accumulated and returned in float32, and
-    the inputs' gradients are computed in float32 and rounded to their dtype. This costs one
-    float32 buffer the size of the output. The output stays finite even with every weight
-    driven to zero (it is then zero). ``"sum"`` mode adds in the promoted dtype.
+    bfloat16 inputs (autocast included) the backward pass is then float32 too: each factor's
+    gradient, a sum over every element of the maps, is accumulated and kept in float32 through
+    the normalisation (the weight's gradient then takes the parameter's dtype), and the inputs'
+    gradients are computed in float32 and rounded to their dtype. The price, with such inputs,
+    is float32 temporaries the size of the output. The output stays finite even with every
+    weight driven to zero (it is then zero). ``"sum"`` mode adds in the promoted dtype.
 
     Args:
         num_inputs: number of tensors fused.
