@@ -27,6 +27,7 @@ __all__ = [
     "check_levels",
     "check_positive",
     "is_tracing",
+    "is_transforming",
     "pyramid_channels",
     "pyramid_output_keys",
     "check_same_shape",
@@ -43,6 +44,13 @@ def is_tracing() -> bool:
     input, so code must not branch on sizes, grad mode or memory format (TorchDynamo, which
     guards on what it branches on, is not counted)."""
     return is_fx_symbolic_tracing() or torch.jit.is_tracing()
+
+
+def is_transforming() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``hessian``...) is
+    active. Its tensors are wrappers: some in-place ops have no batching rule (``vmap`` then
+    loops over the samples) and memory-format queries and conversions are not implemented."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _traced(value: object) -> bool:

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from dilconv._checks import check_choice, check_positive, check_same_shape, is_tracing
+from dilconv._checks import (
+    check_choice,
+    check_positive,
+    check_same_shape,
+    is_tracing,
+    is_transforming,
+)
 from dilconv._layers import Device, DType
 
 __all__ = ["WeightedFusion"]
@@ -29,19 +35,10 @@ _LEAN_BACKWARD_MIN_NUMEL = 1 << 16
 60 us a call, forward and backward) exceeds what its backward saves (about 1 ns an element)."""
 
 
-def _transforming() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``...) is active.
-
-    Under one, tensors are functorch wrappers: ``addcmul_`` has no batching rule (``vmap``
-    would fall back to a loop over the samples) and memory-format queries are not implemented.
-    """
-    return torch._C._are_functorch_transforms_active()
-
-
 def _inner(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum()`` in the promoted dtype, as one BLAS dot product where both share a dense
     float32/float64 layout."""
-    if _transforming():
+    if is_transforming():  # no memory-format queries
         return (a * b).sum()
     same_layout = a.dtype == b.dtype and a.stride() == b.stride()
     if same_layout and a.dtype in (torch.float32, torch.float64):
@@ -60,7 +57,7 @@ def _weighted_sum(factors: Tensor, inputs: Sequence[Tensor]) -> Tensor:
     """
     out = inputs[0].to(factors.dtype) * factors[0]
     for i in range(1, len(inputs)):
-        if _transforming():
+        if is_transforming():  # addcmul_ has no batching rule: vmap would loop
             out = torch.addcmul(out, inputs[i], factors[i])
         else:
             out.addcmul_(inputs[i], factors[i])
