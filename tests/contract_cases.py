@@ -57,8 +57,8 @@ ALL_CHECKS = frozenset(
 TRANSFORMS = frozenset({"jvp", "vmap_grad", "hessian", "jit_trace", "half_grad", "fx"})
 # Reference networks (millions of parameters, seconds per check on 2 CPU cores) run as slow
 # cases, and only the checks that say something the blocks they are made of do not: gradcheck,
-# inductor and the ONNX exporter would take minutes; determinism and NaN propagation follow
-# from the blocks'.
+# inductor and the ONNX exporter would take minutes; determinism, NaN propagation and the
+# transforms follow from the blocks'.
 REFERENCE_SKIP = frozenset({"gradcheck", "compile", "onnx", "determinism", "nan"}) | TRANSFORMS
 
 Inputs = tuple

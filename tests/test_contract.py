@@ -30,6 +30,22 @@ gets the whole contract by adding one ``Case`` line there. Decisions and toleran
   ``partial`` that fixes ``inplace=False``) and other norms (a ``partial(nn.GroupNorm, 1)``;
   torchvision's ``FrozenBatchNorm2d``, which takes no ``device``/``dtype``; ``None``), and the
   layer given is the one it uses.
+- transforms (section 13), at the case's size and, where the block's code has a size
+  threshold (WeightedFusion's lean backward from 65,536 elements per input), at a ``large``
+  size above it (``test_sizes_straddle_the_fusion_threshold`` proves the two take the two
+  paths); with NCHW and channels_last inputs where the block converts memory formats (BiFPN);
+  eval mode: ``torch.func.jvp`` against reverse mode (``<J t, u> = <t, J^T u>``, float64),
+  ``vmap(grad)`` per-sample gradients of parameters and inputs against a loop of plain
+  autograd (float64), ``torch.func.hessian`` of a scalar along three random directions of
+  parameters and inputs against autograd's double backward (float64); float64 comparisons at
+  rtol 1e-5 (the fusion normalises in float32). ``torch.jit.trace`` with its default check,
+  grad enabled and disabled, then the traced module on other inputs. Half precision:
+  parameter gradients under CPU autocast with float16 / bfloat16 inputs against float64 on
+  the same rounded inputs, finite, relative L2 error of all gradients together below 3% / 10%
+  and of each fusion's weights below 1% / 5%. ``torch.fx.symbolic_trace`` of the block as the
+  root (optional arguments at their defaults, a mapping's keys given with ``PH``), its graph
+  matching eager at the case's size and another one. Checks known to fail are strict xfails
+  (``Case.known_failures``). Reference networks skip them (slow, made of the blocks).
 """
 
 from __future__ import annotations
