@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dilconv import BiFPN, FPNNeck
 
@@ -82,3 +84,19 @@ def test_equal_sizes_are_accepted(kind):
     # Dilated backbones (output stride 8) give several levels of one size.
     out = neck(kind, CHANNELS)(maps((6, 6, 6)))
     assert [tuple(y.shape[-2:]) for y in out] == [(6, 7)] * 3
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=2, max_size=4))
+def test_a_pyramid_is_accepted_exactly_when_no_level_grows(sizes):
+    module = FPNNeck([2] * len(sizes), 3).eval()
+    levels = [torch.randn(1, 2, h, w) for h, w in sizes]
+    grows = [
+        i for i in range(1, len(sizes))
+        if sizes[i][0] > sizes[i - 1][0] or sizes[i][1] > sizes[i - 1][1]
+    ]
+    if grows:
+        with pytest.raises(ValueError, match=rf"got level {grows[0]} of size"):
+            module(levels)
+    else:
+        assert [tuple(y.shape[-2:]) for y in module(levels)] == sizes
