@@ -34,7 +34,8 @@ gets the whole contract by adding one ``Case`` line there. Decisions and toleran
   threshold (WeightedFusion's lean backward from 65,536 elements per input), at a ``large``
   size above it (``test_sizes_straddle_the_fusion_threshold`` proves the two take the two
   paths); with NCHW and channels_last inputs where the block converts memory formats (BiFPN);
-  eval mode: ``torch.func.jvp`` against reverse mode (``<J t, u> = <t, J^T u>``, float64),
+  eval mode: ``torch.func.jvp`` (through ``functional_call``) and ``torch.autograd.forward_ad``
+  (the module as it is) against reverse mode (``<J t, u> = <t, J^T u>``, float64),
   ``vmap(grad)`` per-sample gradients of parameters and inputs against a loop of plain
   autograd (float64), ``torch.func.hessian`` of a scalar along three random directions of
   parameters and inputs against autograd's double backward (float64); float64 comparisons at
@@ -60,6 +61,7 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import dilconv
@@ -614,21 +616,33 @@ def test_sizes_straddle_the_fusion_threshold(case, monkeypatch):
 
 @pytest.mark.parametrize(("case", "size", "layout"), transform_cases("jvp"))
 def test_jvp_agrees_with_reverse_mode(case, size, layout):
-    # <J t, u> = <t, J^T u>: forward mode (torch.func.jvp) against plain autograd.
+    # <J t, u> = <t, J^T u>: forward mode against plain autograd, along the parameters and
+    # inputs (torch.func.jvp through functional_call), and along the inputs of the module
+    # called as it is (torch.autograd.forward_ad: its parameters require grad, so
+    # WeightedFusion takes its lean Function at the large size; torch.func.jvp does not).
     module = build(case, dtype=torch.float64).eval()
-    params, args = parameters(module), transform_inputs(case, size, layout, dtype=torch.float64)
+    params = parameters(module)
+    args = transform_inputs(case, size, layout, dtype=torch.float64)
     tangents = (like(params, 2), like(args, 3))
-    _, out_tangents = torch.func.jvp(
+    _, along_both = torch.func.jvp(
         lambda p, a: tuple(run_with(module, p, a)), (params, args), tangents
     )
-    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    flat_tangents = tensors(tangents[1])
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(x, t) for x, t in zip(tensors(args), flat_tangents)]
+        outputs = tensors(module(*rebuild(args, duals)))
+        along_inputs = [forward_ad.unpack_dual(out).tangent for out in outputs]
+    leaves = dict(module.named_parameters())
     flat = [t.clone().requires_grad_() for t in tensors(args)]
-    outputs = run_with(module, leaves, rebuild(args, flat))
+    outputs = tensors(module(*rebuild(args, flat)))
     directions = [torch.randn_like(out) for out in outputs]
     grads = torch.autograd.grad(outputs, [*leaves.values(), *flat], directions)
-    forward = dot(list(out_tangents), directions)
-    reverse = dot(grads, [*tangents[0].values(), *tensors(tangents[1])])
-    torch.testing.assert_close(forward, reverse, **FLOAT64_CLOSE)
+    inputs_term = dot(grads[len(leaves) :], flat_tangents)
+    params_term = dot(grads[: len(leaves)], list(tangents[0].values()))
+    torch.testing.assert_close(dot(along_inputs, directions), inputs_term, **FLOAT64_CLOSE)
+    torch.testing.assert_close(
+        dot(list(along_both), directions), params_term + inputs_term, **FLOAT64_CLOSE
+    )
 
 
 @pytest.mark.parametrize(("case", "size", "layout"), transform_cases("vmap_grad"))
