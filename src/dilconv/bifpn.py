@@ -16,12 +16,13 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from dilconv._checks import (
     check_choice,
     check_levels,
     check_positive,
+    is_tracing,
+    is_transforming,
     pyramid_channels,
     pyramid_output_keys,
 )
@@ -59,7 +60,7 @@ DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 split with the odd pixel at the right/bottom, so an even-sized map is padded on the right and
 bottom only. Both give ``ceil(H / 2)``."""
 
-Features = Sequence[Tensor] | Mapping[str, Tensor]
+Features = Sequence[Tensor] | Mapping[Hashable, Tensor]
 
 
 def _cpu_nchw(levels: Sequence[Tensor]) -> bool:
@@ -78,9 +79,7 @@ def _cpu_nchw(levels: Sequence[Tensor]) -> bool:
     """
     if torch.compiler.is_compiling():  # checked first: the tests below would add guards
         return False
-    if torch.jit.is_tracing() or is_fx_tracing():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside a torch.func transform
+    if is_tracing() or is_transforming():
         return False
     return all(
         isinstance(x, Tensor) and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
@@ -382,7 +381,7 @@ class BiFPNLayer(nn.Module):
             for i in range(1, num_levels)
         )
 
-    def forward(self, features: Features) -> list[Tensor] | dict[str, Tensor]:
+    def forward(self, features: Features) -> list[Tensor] | dict[Hashable, Tensor]:
         keys, x = check_levels(features, self.in_channels, name=type(self).__name__)
         nchw = _cpu_nchw(x)
         if nchw:
@@ -559,7 +558,7 @@ class BiFPN(nn.Module):
         self.projection = projection
         if self.in_keys is not None:  # refuse colliding keys now rather than at the first call
             new_keys = _new_level_keys(self.in_keys, num_levels - inputs)
-            pyramid_output_keys(self.in_keys + new_keys, extra_level, name=type(self).__name__)
+            pyramid_output_keys([*self.in_keys, *new_keys], extra_level, name=type(self).__name__)
         self.extra = nn.ModuleList(
             _ExtraLevel(
                 self.in_channels[-1] if j == 0 else channels, channels, norm_layer,
@@ -592,12 +591,14 @@ class BiFPN(nn.Module):
 
         return bifpn_from_effdet(fpn, device=device, dtype=dtype)
 
-    def forward(self, features: Features) -> list[Tensor] | dict[str, Tensor]:
+    def forward(self, features: Features) -> list[Tensor] | dict[Hashable, Tensor]:
         name = type(self).__name__
-        keys, x = check_levels(features, self.in_channels, name=name, keys=self.in_keys)
-        if keys is not None:
+        in_keys, x = check_levels(features, self.in_channels, name=name, keys=self.in_keys)
+        keys: list[Hashable] | None = None
+        if in_keys is not None:
             keys = pyramid_output_keys(
-                keys + _new_level_keys(keys, len(self.extra)), self.extra_level, name=name
+                [*in_keys, *_new_level_keys(in_keys, len(self.extra))], self.extra_level,
+                name=name,
             )
         nchw = _cpu_nchw(x)
         if nchw:

@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from dilconv._checks import check_choice, check_positive, check_same_shape
+from dilconv._checks import (
+    check_choice,
+    check_positive,
+    check_same_shape,
+    is_tracing,
+    is_transforming,
+)
 from dilconv._layers import Device, DType
 
 __all__ = ["WeightedFusion"]
@@ -30,7 +36,10 @@ _LEAN_BACKWARD_MIN_NUMEL = 1 << 16
 
 
 def _inner(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum()``, as one BLAS dot product where both share a dense float layout."""
+    """``(a * b).sum()`` in the promoted dtype, as one BLAS dot product where both share a dense
+    float32/float64 layout."""
+    if is_transforming():  # no memory-format queries
+        return (a * b).sum()
     same_layout = a.dtype == b.dtype and a.stride() == b.stride()
     if same_layout and a.dtype in (torch.float32, torch.float64):
         channels_last = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
@@ -42,10 +51,16 @@ def _inner(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _weighted_sum(factors: Tensor, inputs: Sequence[Tensor]) -> Tensor:
-    """``sum_i factors[i] * inputs[i]`` accumulated in one output buffer."""
-    out = inputs[0] * factors[0]
+    """``sum_i factors[i] * inputs[i]`` in ``factors``' dtype, accumulated in one output buffer.
+
+    ``factors[i]`` may be a scalar or any tensor that broadcasts against the inputs.
+    """
+    out = inputs[0].to(factors.dtype) * factors[0]
     for i in range(1, len(inputs)):
-        out.addcmul_(inputs[i], factors[i])
+        if is_transforming():  # addcmul_ has no batching rule: vmap would loop
+            out = torch.addcmul(out, inputs[i], factors[i])
+        else:
+            out.addcmul_(inputs[i], factors[i])
     return out
 
 
@@ -54,9 +69,11 @@ class _WeightedSum(torch.autograd.Function):
 
     Autograd through ``mul`` and ``addcmul_`` would take four full-size products per input in
     the backward pass; here each input costs one (its gradient) and each factor one dot product.
+    The output, the factors' gradients and the products behind them are in the factors' dtype
+    (float32 or float64), whatever the inputs'. The map is bilinear in (factors, inputs), so
+    its forward-mode derivative is the same sum over the tangents (:meth:`jvp`); under
+    ``torch.func.vmap`` the batch dimension is moved first and broadcast (:meth:`vmap`).
     """
-
-    generate_vmap_rule = True  # torch.func.vmap (per-sample gradients) traces forward/backward
 
     @staticmethod
     def forward(factors: Tensor, *inputs: Tensor) -> Tensor:
@@ -65,6 +82,7 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # a C++ node's ctx
@@ -72,9 +90,67 @@ class _WeightedSum(torch.autograd.Function):
         needs_factors, *needs_inputs = ctx.needs_input_grad
         grad_factors = torch.stack([_inner(grad, x) for x in inputs]) if needs_factors else None
         grad_inputs = [
-            grad * factors[i] if needed else None for i, needed in enumerate(needs_inputs)
+            (grad * factors[i]).to(inputs[i].dtype) if needed else None
+            for i, needed in enumerate(needs_inputs)
         ]
         return (grad_factors, *grad_inputs)
+
+    @staticmethod
+    def jvp(ctx: Any, factors_tangent: Tensor | None, *inputs_tangent: Tensor | None) -> Tensor:
+        factors, *inputs = ctx.saved_tensors
+        dtype = factors.dtype
+        terms = []
+        for i, (x, x_tangent) in enumerate(zip(inputs, inputs_tangent, strict=True)):
+            if factors_tangent is not None:
+                terms.append(x.to(dtype) * factors_tangent[i])
+            if x_tangent is not None:
+                terms.append(x_tangent.to(dtype) * factors[i])
+        return reduce(torch.add, terms)
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, ...], factors: Tensor, *inputs: Tensor
+    ) -> tuple[Tensor, int]:
+        factors_dim, *inputs_dims = in_dims
+        batch = info.batch_size
+        maps = [
+            x.expand(batch, *x.shape) if d is None else x.movedim(d, 0)
+            for x, d in zip(inputs, inputs_dims, strict=True)
+        ]
+        # (num_inputs, batch, 1, ...): factor i of sample b broadcast over that sample's map.
+        if factors_dim is not None:
+            factors = factors.movedim(factors_dim, 1)
+        factors = factors.reshape(factors.shape[0], -1, *[1] * (maps[0].dim() - 1))
+        return _weighted_sum(factors, maps), 0
+
+
+def _promoted_dtype(inputs: Sequence[Tensor]) -> torch.dtype:
+    """The dtype ``inputs[0] + inputs[1] + ...`` would have."""
+    return reduce(torch.promote_types, (x.dtype for x in inputs))
+
+
+def _plain_fusion(factors: Tensor, inputs: Sequence[Tensor]) -> Tensor:
+    """:func:`_weighted_sum` in float32 (float64 for float64 inputs), rounded once to the
+    inputs' promoted dtype; autograd then reduces the factors' gradients in float32 too."""
+    dtype = _promoted_dtype(inputs)
+    factors = factors.to(torch.promote_types(dtype, torch.float32))
+    return _weighted_sum(factors, inputs).to(dtype)
+
+
+def _plain_sum(inputs: Sequence[Tensor]) -> Tensor:
+    """``inputs[0] + inputs[1] + ...`` in one output buffer (a new tensor for one input)."""
+    dtype = _promoted_dtype(inputs)
+    if len(inputs) == 1:
+        return inputs[0].to(dtype, copy=True)
+    out = inputs[0].to(dtype) + inputs[1]
+    for x in inputs[2:]:
+        out.add_(x)
+    return out
+
+
+# torch.fx records these as single calls (they read dtypes, which a proxy does not have).
+torch.fx.wrap("_plain_fusion")
+torch.fx.wrap("_plain_sum")
 
 
 class WeightedFusion(nn.Module):
@@ -98,10 +174,15 @@ class WeightedFusion(nn.Module):
       state_dict layout, but as a buffer (all ones, unused): a parameter that never receives
       a gradient would stop DistributedDataParallel.
 
-    The normalisation runs in float32 and the factors are then cast to the inputs' dtype, so
-    the output stays finite in float16/bfloat16 even with every weight driven to zero (the
-    output is then zero). Inputs of different floating dtypes are combined in their promoted
-    dtype, as ``a + b`` would.
+    Precision: the weights are normalised in float32, whatever the parameter's dtype; the
+    products and their sum run in float32 (float64 when an input is float64) and the output is
+    rounded once to the inputs' promoted dtype, the dtype ``a + b`` would have. With float16 or
+    bfloat16 inputs (autocast included) the backward pass is then float32 too: each factor's
+    gradient, a sum over every element of the maps, is accumulated and kept in float32 through
+    the normalisation (the weight's gradient then takes the parameter's dtype), and the inputs'
+    gradients are computed in float32 and rounded to their dtype. The price, with such inputs,
+    is float32 temporaries the size of the output. The output stays finite even with every
+    weight driven to zero (it is then zero). ``"sum"`` mode adds in the promoted dtype.
 
     Args:
         num_inputs: number of tensors fused.
@@ -167,27 +248,25 @@ class WeightedFusion(nn.Module):
 
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         check_same_shape(inputs, count=self.num_inputs, name=type(self).__name__)
-        dtype = reduce(torch.promote_types, (x.dtype for x in inputs))
         if self.mode == "sum":
-            if len(inputs) == 1:
-                return inputs[0].to(dtype, copy=True)
-            out = inputs[0].to(dtype) + inputs[1]
-            for x in inputs[2:]:
-                out.add_(x)
-            return out
-        factors = self.fusion_weights().to(dtype)
-        inputs = [inputs[0].to(dtype), *inputs[1:]]
+            return _plain_sum(inputs)
+        factors = self.fusion_weights()
         # The lean backward only for large maps, in eager, when a gradient is wanted; elsewhere
         # plain ops (also what Dynamo needs: compiled, Inductor fuses the backward itself, and
         # its no-grad path for an autograd.Function mis-binds a forward that takes *inputs).
+        # Traced code takes the plain path at every size and grad mode: jit.trace's check
+        # re-traces under no_grad, and a traced graph serves every size.
         if (
             not torch.compiler.is_compiling()
+            and not is_tracing()
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in (factors, *inputs))
             and inputs[0].numel() >= _LEAN_BACKWARD_MIN_NUMEL
         ):
-            return _WeightedSum.apply(factors, *inputs)
-        return _weighted_sum(factors, inputs)
+            dtype = _promoted_dtype(inputs)
+            factors = factors.to(torch.promote_types(dtype, torch.float32))
+            return _WeightedSum.apply(factors, *inputs).to(dtype)
+        return _plain_fusion(factors, inputs)
 
     def extra_repr(self) -> str:
         return f"num_inputs={self.num_inputs}, eps={self.eps}, mode={self.mode!r}"

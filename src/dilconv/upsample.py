@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilconv._checks import check_feature_map, check_positive, pair
+from dilconv._checks import check_feature_map, check_positive, is_tracing, pair
 from dilconv._layers import Device, DType, FactoryKwargs, NormLayer, conv_bias, create_norm
 
 __all__ = ["TransposedConvUpsampler", "resize_to"]
@@ -105,6 +105,25 @@ class TransposedConvUpsampler(nn.Module):
         if output_size is None:
             return self.norm(self.conv(x))
         target = pair("output_size", output_size)
+        if not is_tracing():  # a traced size has no value to check
+            self._check_reachable(x, target)
+        s = self.scale
+        exact = [s * x.shape[-2], s * x.shape[-1]]  # not a loop: torch.fx cannot iterate sizes
+        if torch.compiler.is_compiling() or is_tracing():
+            # One graph for every size (torch.compile(dynamic=True), torch.export, torch.fx,
+            # jit.trace): always the largest reachable map, then a crop. Branching on the sizes
+            # as below would guard on "target == scale x input" and recompile when an odd size
+            # comes, and traced code would keep the one branch its example took.
+            out = self.conv(x, output_size=[e + s - 1 for e in exact])
+            return self.norm(out[..., : target[0], : target[1]])
+        # output_padding adds rows past scale * H; with kernel = stride = scale they see no
+        # input, so they hold the bias alone, as a larger transposed convolution would.
+        if target == tuple(exact):
+            return self.norm(self.conv(x))
+        out = self.conv(x, output_size=[max(t, e) for t, e in zip(target, exact)])
+        return self.norm(out[..., : target[0], : target[1]])
+
+    def _check_reachable(self, x: Tensor, target: tuple[int, int]) -> None:
         s = self.scale
         for size_in, size_out in zip(x.shape[-2:], target):
             low, high = s * (size_in - 1) + 1, s * size_in + s - 1
@@ -113,19 +132,6 @@ class TransposedConvUpsampler(nn.Module):
                     f"TransposedConvUpsampler(scale={s}) can produce sizes {low}..{high} from "
                     f"an input of size {size_in}, got output_size {tuple(target)}"
                 )
-        # output_padding adds rows past scale * H; with kernel = stride = scale they see no
-        # input, so they hold the bias alone, as a larger transposed convolution would.
-        exact = [s * size for size in x.shape[-2:]]
-        if torch.compiler.is_compiling():
-            # One graph for every size (torch.compile(dynamic=True), torch.export): always the
-            # largest reachable map, then a crop. Branching on the sizes as below would guard
-            # on "target == scale x input" and recompile when an odd size comes.
-            out = self.conv(x, output_size=[e + s - 1 for e in exact])
-            return self.norm(out[..., : target[0], : target[1]])
-        if target == tuple(exact):
-            return self.norm(self.conv(x))
-        out = self.conv(x, output_size=[max(t, e) for t, e in zip(target, exact)])
-        return self.norm(out[..., : target[0], : target[1]])
 
     def extra_repr(self) -> str:
         return (
