@@ -457,3 +457,17 @@ def test_out_channels_is_the_name_and_channels_a_deprecated_alias():
         BiFPN([3, 5], 6, channels=6)
     with pytest.raises(TypeError, match="out_channels"):
         BiFPN([3, 5])
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 8), (16, 15), (33, 64)])
+def test_same_padding_is_tensorflows(size):
+    # TensorFlow's "SAME" for a 3x3 stride-2 pool: total padding max((ceil(H/2)-1)*2 + 3 - H, 0)
+    # split with the odd pixel at the right/bottom, padding with -inf; timm's MaxPool2dSame
+    # (what effdet's tf_ models use) computes it so.
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    from dilconv.bifpn import _max_pool_down
+
+    x = torch.randn(2, 3, *size)
+    torch.testing.assert_close(_max_pool_down(x, "same"), MaxPool2dSame(3, 2)(x))
+    assert _max_pool_down(x, "symmetric").shape == _max_pool_down(x, "same").shape

@@ -10,12 +10,6 @@ import torch
 from dilconv import ChannelAttention
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fixed in attention.py: ChannelAttention's gate gradient, a sum over every "
-    "position, overflows float16 (run the MLP on the pooled descriptors, the gate and "
-    "x * gate in float32 with autocast off, round once: then finite, within 4e-6)",
-)
 def test_channel_attention_gradients_stay_finite_in_float16():
     # The gate (N, C, 1, 1) multiplies a 256 x 256 map: its gradient sums 65,536 products
     # of one sign under a squared loss, past float16's 65,504, and the MLP's convolutions,
@@ -31,3 +25,29 @@ def test_channel_attention_gradients_stay_finite_in_float16():
     for p, ref in zip(module.parameters(), reference.parameters(), strict=True):
         assert torch.isfinite(p.grad).all()
         assert (p.grad.double() - ref.grad).norm() / ref.grad.norm() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channel_attention_half_inputs_without_autocast(dtype):
+    # Half inputs into a float32 module (no autocast): the wide path keeps the gate and its
+    # gradient in float32 and gives the output in the input's dtype.
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 256, 256).to(dtype)
+    module = ChannelAttention(16, reduction=4).eval()
+    reference = copy.deepcopy(module).double()
+    reference(x.double()).square().sum().backward()
+    out = module(x)
+    assert out.dtype == dtype
+    out.float().square().sum().backward()
+    for p, ref in zip(module.parameters(), reference.parameters(), strict=True):
+        assert torch.isfinite(p.grad).all()
+        assert (p.grad.double() - ref.grad).norm() / ref.grad.norm() < 0.02
+
+
+def test_channel_attention_float32_path_is_unchanged():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 7)
+    module = ChannelAttention(8, reduction=2)
+    n = x.shape[0]
+    mlp = module._mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)]))
+    torch.testing.assert_close(module(x), x * torch.sigmoid(mlp[:n] + mlp[n:]), rtol=0, atol=0)

@@ -32,6 +32,7 @@ __all__ = [
     "Device",
     "FactoryKwargs",
     "NormLayer",
+    "autocast_enabled",
     "conv_bias",
     "create_act",
     "create_norm",
@@ -107,3 +108,13 @@ def create_norm(
 def conv_bias(norm_layer: NormLayer | None) -> bool:
     """Whether a convolution followed by ``norm_layer`` needs its own bias (only without a norm)."""
     return norm_layer is None
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 asks per device by name)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())

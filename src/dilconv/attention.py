@@ -15,22 +15,27 @@ without biases (its ``mlp_bias=False``); :meth:`CBAM.from_timm` converts it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
-from dilconv._checks import check_feature_map, check_positive, reduced_channels
+from dilconv._checks import check_feature_map, check_positive, is_tracing, reduced_channels
 from dilconv._layers import (
     ActLayer,
     Device,
     DType,
     FactoryKwargs,
     NormLayer,
+    autocast_enabled,
     conv_bias,
     create_act,
     create_norm,
 )
 
 __all__ = ["CBAM", "ChannelAttention", "SpatialAttention"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_odd_kernel(name: str, kernel_size: int) -> int:
@@ -106,10 +111,28 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_feature_map(x, channels=self.channels, name=type(self).__name__)
+        if not is_tracing() and (x.dtype in _HALF or autocast_enabled(x.device.type)):
+            return self._forward_wide(x)
         # Both descriptors through the shared MLP as one batch: two convolution calls, not four.
         n = x.shape[0]
         mlp = self._mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)]))
         return x * torch.sigmoid(mlp[:n] + mlp[n:])
+
+    def _forward_wide(self, x: Tensor) -> Tensor:
+        """The forward for float16/bfloat16 inputs or under autocast. The mean and the gate's
+        gradient sum over every position (a 256 x 256 map's gate gradient passes float16's
+        65,504), so the descriptors, the MLP (where its weights are float32), the gate and the
+        product run in float32 with autocast off; the product is rounded once to ``x``'s
+        dtype."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        n = x.shape[0]
+        on = autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if on else contextlib.nullcontext():
+            descriptors = torch.cat([
+                x.mean((2, 3), keepdim=True, dtype=wide), x.amax((2, 3), keepdim=True).to(wide),
+            ])
+            mlp = self._mlp(descriptors.to(self.fc1.weight.dtype)).to(wide)
+            return (x * torch.sigmoid(mlp[:n] + mlp[n:])).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -104,10 +104,10 @@ def _max_pool_down(x: Tensor, padding: str) -> Tensor:
     :data:`DOWNSAMPLE_PADDINGS`)."""
     if padding == "symmetric":
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-    pad_h = max((-(-x.shape[-2] // 2) - 1) * 2 + 3 - x.shape[-2], 0)
-    pad_w = max((-(-x.shape[-1] // 2) - 1) * 2 + 3 - x.shape[-1], 0)
-    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2),
-              value=float("-inf"))
+    # TensorFlow's total padding, max((ceil(H/2) - 1) * 2 + 3 - H, 0), is 1 + H % 2: one pixel
+    # at the right/bottom, and one at the left/top too where H is odd.
+    height, width = x.shape[-2:]
+    x = F.pad(x, (width % 2, 1, height % 2, 1), value=float("-inf"))
     return F.max_pool2d(x, kernel_size=3, stride=2)
 
 
@@ -260,6 +260,7 @@ def _new_level_keys(keys: Sequence[Hashable], count: int) -> list[Hashable]:
 # symbolic trace cannot branch on.
 torch.fx.wrap("_upsample_to")
 torch.fx.wrap("_downsample_to")
+torch.fx.wrap("_max_pool_down")
 
 
 class BiFPNLayer(nn.Module):
