@@ -96,3 +96,16 @@ def test_a_pyramid_is_accepted_exactly_when_no_level_grows(sizes):
             module(levels)
     else:
         assert [tuple(y.shape[-2:]) for y in module(levels)] == sizes
+
+
+@pytest.mark.parametrize("neck", ["fpn", "bifpn"])
+def test_necks_take_timms_feature_info(neck):
+    timm = pytest.importorskip("timm")
+    body = timm.create_model("resnet18", features_only=True, out_indices=(2, 3, 4),
+                             pretrained=False).eval()
+    info = body.feature_info
+    block = (FPNNeck(info, 8) if neck == "fpn" else BiFPN(info, 8, num_layers=1)).eval()
+    assert block.in_channels == info.channels() == [128, 256, 512]
+    with torch.no_grad():
+        out = block(body(torch.randn(1, 3, 64, 64)))
+    assert [tuple(y.shape[1:]) for y in out] == [(8, 8, 8), (8, 4, 4), (8, 2, 2)]

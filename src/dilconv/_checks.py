@@ -231,12 +231,17 @@ EXTRA_LEVEL_KEY = "pool"
 def pyramid_channels(
     in_channels: Sequence[int] | Mapping[Key, int], *, min_levels: int = 1
 ) -> tuple[list[Key] | None, list[int]]:
-    """Validate a neck's ``in_channels``: a sequence of ints, or a mapping key -> int.
+    """Validate a neck's ``in_channels``: a sequence of ints, or a mapping key -> int, or
+    timm's ``FeatureInfo`` (a ``features_only`` model's ``feature_info``, read through its
+    ``channels()``: timm's feature models return a list of maps, fine to coarse).
 
     A mapping (for instance ``{"layer1": 256, ...}``, ``{3: 512, 4: 1024, 5: 2048}``, or timm's
     ``feature_info`` turned into a dict) fixes the feature keys the neck accepts, as they are
     (any hashable keys). Returns ``(keys or None, channels)``.
     """
+    channels_of = getattr(in_channels, "channels", None)
+    if callable(channels_of) and not isinstance(in_channels, (Mapping, Sequence)):
+        in_channels = list(channels_of())  # timm's FeatureInfo, without importing timm
     if isinstance(in_channels, Mapping):
         keys: list[Key] | None = list(in_channels)
         channels = list(in_channels.values())

@@ -205,6 +205,11 @@ class CBAM(nn.Module):
     with :math:`M_c` of :class:`ChannelAttention` and :math:`M_s` of :class:`SpatialAttention`.
     Both gates lie in (0, 1), so :math:`|F''| \le |F|` element-wise.
 
+    At initialisation both gates average about 0.5 (the MLP's output is near zero; the spatial
+    map is normalised), so the output keeps about 0.28 of the input's RMS; stacked after every
+    stage of a network whose norms are in eval mode the factors multiply (see the guide "A
+    dilconv block in your own model").
+
     Args:
         channels: C, channels in and out.
         reduction: the channel MLP's hidden width is ``max(1, C // reduction)``.

@@ -467,8 +467,9 @@ class BiFPN(nn.Module):
     ``extra_level``.
 
     Args:
-        in_channels: channels of each input level, fine to coarse; at least 2 levels. A
-            mapping name -> channels also fixes the names the input mapping must have.
+        in_channels: channels of each input level, fine to coarse; at least 2 levels (a list,
+            or timm's ``FeatureInfo`` of a ``features_only`` model). A mapping name -> channels
+            also fixes the names the input mapping must have.
         out_channels: C, channels of every output level (torchvision's name, as in
             :class:`~dilconv.FPNNeck`).
         channels: deprecated alias of ``out_channels`` (dilconv 0.1's name), kept for one

@@ -43,8 +43,9 @@ class FPNNeck(nn.Module):
     :class:`MaxPoolLevel`, also what ``extra_level=True`` builds, has no tensors).
 
     Args:
-        in_channels: channels of each input level, fine to coarse; or a mapping name ->
-            channels, which also fixes the names (and order) of the maps ``forward`` accepts.
+        in_channels: channels of each input level, fine to coarse (a list, or timm's
+            ``FeatureInfo`` of a ``features_only`` model); or a mapping name -> channels, which
+            also fixes the names (and order) of the maps ``forward`` accepts.
         out_channels: channels of every output level.
         upsample: ``"nearest"``, ``"bilinear"`` (align_corners=False) or ``"transposed"``.
         smooth_top: smooth the coarsest level too.
