@@ -471,3 +471,26 @@ def test_same_padding_is_tensorflows(size):
     x = torch.randn(2, 3, *size)
     torch.testing.assert_close(_max_pool_down(x, "same"), MaxPool2dSame(3, 2)(x))
     assert _max_pool_down(x, "symmetric").shape == _max_pool_down(x, "same").shape
+
+
+def test_a_0_1_state_dict_loads_into_the_shared_form():
+    # dilconv 0.1's BiFPN: shared projections and new-level convs without a bias (a norm
+    # follows), pointwise convs with one. Loaded with strict=False into projection="shared",
+    # the only missing keys are the redundant biases, which start at zero: same outputs.
+    torch.manual_seed(0)
+    source = BiFPN([5, 4, 7], 4, num_layers=2, num_levels=4, projection="shared").eval()
+    old_keys = {k: v for k, v in source.state_dict().items()
+                if not (k.endswith(".0.bias") and k.startswith("projections."))
+                and k != "extra.0.conv.bias"}
+    with torch.no_grad():
+        for k, v in source.state_dict().items():
+            if k not in old_keys:
+                v.zero_()  # what 0.1 computed: no bias there
+    fresh = BiFPN([5, 4, 7], 4, num_layers=2, num_levels=4, projection="shared").eval()
+    missing, unexpected = fresh.load_state_dict(old_keys, strict=False)
+    assert unexpected == []
+    assert sorted(missing) == ["extra.0.conv.bias", "projections.0.0.bias",
+                               "projections.2.0.bias"]
+    maps = make_maps([5, 4, 7], pyramid_sizes(16, 12, 3))
+    for a, b in zip(fresh(maps), source(maps), strict=True):
+        torch.testing.assert_close(a, b)
