@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from dilconv import _fusion_triton
 from dilconv._checks import check_choice, check_positive, check_same_shape
 from dilconv._layers import Device, DType
 
@@ -175,6 +176,9 @@ class WeightedFusion(nn.Module):
             for x in inputs[2:]:
                 out.add_(x)
             return out
+        # CUDA: one fused Triton kernel each way (dilconv._fusion_triton), where it serves.
+        if _fusion_triton.use_kernel(self.weight, inputs):
+            return _fusion_triton.weighted_fusion(self.weight, inputs, self.mode, self.eps)
         factors = self.fusion_weights().to(dtype)
         inputs = [inputs[0].to(dtype), *inputs[1:]]
         # The lean backward only for large maps, in eager, when a gradient is wanted; elsewhere
