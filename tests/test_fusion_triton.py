@@ -96,6 +96,7 @@ def test_values_and_gradients_match_the_plain_path(mode, count, shape, spy):
     with _fusion_triton.kernel_on_cpu():
         out, grads = _grads(fuse, inputs, grad)
     assert spy, "the fused op did not run"
+    assert not _fusion_triton._traced_under_interpreter(inputs)  # the kernels, not the formula
     expected, expected_grads = _grads(fuse, inputs, grad)  # the plain path
     assert len(spy) == 1
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)

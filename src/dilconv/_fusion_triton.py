@@ -48,9 +48,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ON_CPU = False
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+"""Found, not imported (a constant, so that Dynamo reads it without a graph break)."""
+
+
 def available() -> bool:
-    """Whether this torch has ``torch.library.triton_op`` and Triton can be imported."""
-    return _OPS_DEFINED and importlib.util.find_spec("triton") is not None
+    """Whether this torch has ``torch.library.triton_op`` and Triton is installed."""
+    return _OPS_DEFINED and _HAS_TRITON
 
 
 @contextlib.contextmanager
