@@ -304,6 +304,19 @@ def test_forward_mode_ad_takes_the_plain_formula(mode, on_cpu, spy):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("mode", MODES)
+def test_double_backward(mode, on_cpu):
+    weight = torch.tensor([0.4, 1.3, 0.8], dtype=torch.float64, requires_grad=True)
+    inputs = _inputs(3, (2, 3, 4), torch.float64)
+
+    def fused(w, *xs):
+        return _fusion_triton.weighted_fusion(w, list(xs), mode, 1e-4)
+
+    assert torch.autograd.gradcheck(fused, (weight, *inputs))
+    assert torch.autograd.gradgradcheck(fused, (weight, *inputs))
+
+
+@needs_interpreter
 def test_the_op_names_what_it_expected(on_cpu):
     x = torch.randn(3)
     with pytest.raises(ValueError, match="2 to 5 inputs, got 6"):

@@ -10,7 +10,8 @@ re-writing the output; launch-bound on a GPU. Here:
 - backward: one kernel reads the output gradient and each input once, writes each input's
   gradient and one float32 partial dot product per block and input; a one-program kernel sums
   the partials (float32, never half precision) and applies the chain rule through the
-  normalisation to the raw weights.
+  normalisation to the raw weights. A backward pass that builds a graph (``create_graph=True``,
+  for double backward) takes the same formula in torch ops instead.
 
 Both are ``torch.library.triton_op`` ops, so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` see them (Inductor can schedule the kernels itself), with
@@ -254,8 +255,11 @@ def _define_ops() -> bool:
         needs_inputs = list(needs_inputs) if isinstance(needs_inputs, (list, tuple)) else (
             [bool(needs_inputs)] * len(xs))
         needs = [bool(needs_weight), *map(bool, needs_inputs)]
-        grad_weight, grads = torch.ops.dilconv.weighted_fusion_backward(
-            grad, weight, xs, ctx.mode, ctx.eps, needs)
+        if torch.is_grad_enabled():  # create_graph=True: torch ops, differentiable again
+            grad_weight, grads = _plain_backward(grad, weight, xs, ctx.mode, ctx.eps, needs)
+        else:
+            grad_weight, grads = torch.ops.dilconv.weighted_fusion_backward(
+                grad, weight, xs, ctx.mode, ctx.eps, needs)
         it = iter(grads)
         grad_inputs = [next(it) if needed else None for needed in needs[1:]]
         return (grad_weight if needs[0] else None), grad_inputs, None, None
