@@ -18,8 +18,8 @@ Steps, in this order (each with a time limit; the whole check aims at 6 minutes 
    512 x 512), writing ``benchmarks/results/cuda-<gpu>-*.json`` and ``.md``.
 
 Steps not started within ``--budget-s`` are reported as not run (rerun them alone with
-``--skip``). The summary (each step: ok or failed, seconds, detail), with the GPU, torch version, git commit
-and whether the tree was clean, is printed and written to
+``--skip``). The summary (each step: ok or failed, seconds, detail), with the GPU, torch
+version, git commit and whether the tree was clean, is printed and written to
 ``benchmarks/results/cuda-<gpu>-gpu-check.json``. ``--dry-run`` runs only the parts that need
 no GPU: the environment check (reporting, not stopping), the list of steps and their commands,
 and the commit; ``make test`` runs it.
