@@ -253,6 +253,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip", action="append", default=[], metavar="PREFIX",
                         help="leave out steps whose name starts with PREFIX (repeatable): "
                         "tests, train, train-detector_neck, bench, bench-float32, ...")
+    parser.add_argument("--commit", metavar="HASH",
+                        help="the commit this tree is, where it is a copy without .git "
+                        "(sets DILCONV_COMMIT for every step)")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S,
                         help="steps not started by then are left out and reported")
     return parser.parse_args(argv)
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the check; 0 when every step passed, 1 when one failed, 2 when the environment
     lacks something (a dry run: 0 whatever is missing)."""
     args = _parse(argv)
+    if args.commit:
+        os.environ["DILCONV_COMMIT"] = args.commit
     from benchmarks.run import git_state
 
     started = time.monotonic()

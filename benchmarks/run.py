@@ -75,8 +75,9 @@ def select_cases(pattern: str | None, size: str = "default") -> list[Case]:
 
 def git_state(repo: Path = REPO) -> dict[str, str | bool | None]:
     """``{"commit": HEAD's hash, "clean": no tracked file changed}`` of ``repo``; results under
-    ``benchmarks/results/`` do not count (a check writes them between runs). ``None`` for
-    both outside a git checkout or without git."""
+    ``benchmarks/results/`` do not count (a check writes them between runs). Outside a git
+    checkout (a copy of the tree on a GPU machine, say) the commit is ``$DILCONV_COMMIT`` if
+    set, and cleanliness unknown; both ``None`` without either."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                               check=True, timeout=30).stdout.strip()
@@ -86,7 +87,7 @@ def git_state(repo: Path = REPO) -> dict[str, str | bool | None]:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                       ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "clean": None}
+        return {"commit": os.environ.get("DILCONV_COMMIT") or None, "clean": None}
     return {"commit": commit, "clean": not changed}
 
 

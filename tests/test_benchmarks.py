@@ -149,7 +149,7 @@ def test_meta_records_the_commit_and_whether_the_tree_was_clean(tmp_path, monkey
     assert f"Commit {meta['commit'][:12]}" in md_path.read_text().splitlines()[0]
 
 
-def test_git_state_sees_a_changed_file_but_not_the_results(tmp_path):
+def test_git_state_sees_a_changed_file_but_not_the_results(tmp_path, monkeypatch):
     def git(*args: str) -> None:
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
 
@@ -166,7 +166,10 @@ def test_git_state_sees_a_changed_file_but_not_the_results(tmp_path):
     assert run.git_state(tmp_path)["clean"] is True
     (tmp_path / "code.py").write_text("a = 2\n")
     assert run.git_state(tmp_path)["clean"] is False
+    monkeypatch.delenv("DILCONV_COMMIT", raising=False)
     assert run.git_state(tmp_path / "nowhere") == {"commit": None, "clean": None}
+    monkeypatch.setenv("DILCONV_COMMIT", "abc123")  # a copy of the tree without .git
+    assert run.git_state(tmp_path / "nowhere") == {"commit": "abc123", "clean": None}
 
 
 def test_training_size_cases(tmp_path):

@@ -69,3 +69,20 @@ def test_without_a_gpu_the_check_stops_and_says_why(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing:" in err and "CUDA" in err and "installs nothing" in err
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_commit_flag_names_a_copy_without_git(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check.subprocess, "run", _no_git(gpu_check.subprocess.run))
+    monkeypatch.setenv("DILCONV_COMMIT", "")  # restored after the check sets it
+    assert gpu_check.main(["--dry-run", "--commit", "f00d", "--out", str(tmp_path)]) == 0
+    summary = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert summary["meta"]["commit"] == "f00d" and summary["meta"]["clean"] is None
+
+
+def _no_git(real):
+    def run(command, *args, **kwargs):
+        if command[0] == "git":
+            raise FileNotFoundError("git")
+        return real(command, *args, **kwargs)
+
+    return run
