@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EXTRAS := test,examples,docs,bench,dev
 
-.PHONY: demo test test-quick lint docs bench clean
+.PHONY: demo test test-quick lint docs bench gpu-check clean
 
 # __init__.py holds the version the metadata is built from: a bump reinstalls.
 $(STAMP): pyproject.toml Makefile src/dilconv/__init__.py
@@ -37,6 +37,12 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --json runs/bench.json --markdown runs/bench.md
+
+# Everything that needs a GPU, in one go (benchmarks/gpu_check.py). Not through $(STAMP): a GPU
+# machine may have no package index; the check names what is missing and installs nothing.
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) -m benchmarks.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) docs/_build runs .pytest_cache .hypothesis

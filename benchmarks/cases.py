@@ -5,12 +5,15 @@ at the default sizes, or at tiny sizes with ``quick=True``. Where the two sides 
 same function, the peer gets our weights (or the reverse), so that both do the same work on the
 same inputs. Studies without a torchvision counterpart are left out: the DilatedNet of seed 002
 (a dilated VGG16 front-end with no pool4/pool5) has none, as torchvision's segmentation models
-are ResNet-based.
+are ResNet-based. :func:`training_cases` gives the blocks again at a training size
+(EfficientDet-D0: batch 16 of 512 x 512 images).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CASES", "Case", "Inputs", "Pair"]
+__all__ = ["CASES", "TRAINING_BATCH", "TRAINING_SIDES", "Case", "Inputs", "Pair",
+           "training_cases"]
 
 Inputs = Tensor | list[Tensor] | dict[str, Tensor]
 Pair = tuple[nn.Module, nn.Module, Inputs]
@@ -316,3 +320,60 @@ CASES: list[Case] = [
          grad_inputs=False),
 ]
 """Every pair, in the order they run."""
+
+
+TRAINING_BATCH = 16
+"""EfficientDet-D0's training batch (Tan et al., 2020: batch 128 over 32 cores would be 4 a
+core; 16 a GPU is what single-GPU recipes such as effdet's use)."""
+
+TRAINING_SIDES: dict[str, int] = {
+    r"^FPNNeck$": 128,  # C2 (stride 4) of a 512 x 512 image
+    r"^CBAM$": 64,  # on P3 (stride 8)
+    r"^WeightedFusion": 64,  # P3 of EfficientDet-D0
+    r"^BiFPN D0": 64,  # P3; the coarser levels halve from there
+}
+"""Side of the largest input map at the training size, by a pattern on the case's name: that
+of a 512 x 512 image (EfficientDet-D0's) at the map's stride."""
+
+
+def _resized(inputs: Inputs, batch: int, side: int) -> Inputs:
+    """New random inputs of ``batch`` samples, the largest map ``side`` wide, the others kept
+    in proportion (a pyramid stays a pyramid)."""
+    largest = max(t.shape[-1] for t in _tensors(inputs))
+
+    def one(t: Tensor) -> Tensor:
+        h, w = (max(1, d * side // largest) for d in t.shape[-2:])
+        return torch.randn(batch, *t.shape[1:-2], h, w)
+
+    if isinstance(inputs, dict):
+        return type(inputs)((k, one(v)) for k, v in inputs.items())
+    if isinstance(inputs, list):
+        return [one(t) for t in inputs]
+    return one(inputs)
+
+
+def _tensors(inputs: Inputs) -> list[Tensor]:
+    if isinstance(inputs, dict):
+        return list(inputs.values())
+    return list(inputs) if isinstance(inputs, list) else [inputs]
+
+
+def _at_training_size(build: Callable[[bool], Pair], side: int, quick: bool) -> Pair:
+    ours, peer, inputs = build(quick)
+    return ours, peer, inputs if quick else _resized(inputs, TRAINING_BATCH, side)
+
+
+def training_cases(cases: Sequence[Case] | None = None) -> list[Case]:
+    """The cases of :data:`TRAINING_SIDES` (of ``cases``, every case by default) with their
+    inputs at the training size: batch :data:`TRAINING_BATCH`, the largest map as wide as
+    :data:`TRAINING_SIDES` says. Not EfficientDet's own network (``projection='shared'``) is
+    left out; ``quick`` builds stay tiny."""
+    out = []
+    for case in CASES if cases is None else cases:
+        side = next((s for p, s in TRAINING_SIDES.items() if re.search(p, case.name)), None)
+        if side is None or "shared" in case.name:
+            continue
+        name = f"{case.name} [training size: batch {TRAINING_BATCH}, 512 x 512 image]"
+        build = partial(_at_training_size, case.build, side)
+        out.append(dataclasses.replace(case, name=name, build=build))
+    return out

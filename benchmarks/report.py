@@ -99,6 +99,18 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
     return format(value, fmt) if fmt else str(value).replace("|", "\\|")
 
 
+def _provenance(meta: dict) -> str:
+    """Sentences naming the size, the commit measured and whether the tree was clean, where
+    the run recorded them."""
+    text = " At the training size (batch 16, 512 x 512 images)." if meta.get(
+        "size") == "train" else ""
+    if meta.get("commit"):
+        state = {True: " (clean tree)", False: " (tree with local changes)"}.get(
+            meta.get("clean"), "")
+        text += f" Commit {meta['commit'][:12]}{state}."
+    return text
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     """One table, one row per case and mode; the limit columns are blank where they do not
     apply."""
@@ -108,7 +120,7 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['channels_last']}, compile {meta['compile']}, deterministic "
         f"{meta['deterministic']}. Times are medians over {meta['rounds'][0]} to "
         f"{meta['rounds'][1]} interleaved blocks (fewer for slow cases); "
-        "ratio = ours / peer (below 1: ours is faster).",
+        "ratio = ours / peer (below 1: ours is faster)." + _provenance(meta),
         "",
         "| " + " | ".join(title for title, _, _ in _COLUMNS) + " |",
         "|" + "|".join("---" for _ in _COLUMNS) + "|",

@@ -3,6 +3,7 @@
     python -m benchmarks.run                          # every pair, CPU or CUDA (auto)
     python -m benchmarks.run --device cuda --dtype bfloat16 --channels-last --json b.json
     python -m benchmarks.run --quick --cases fusion   # tiny sizes, pairs whose name matches
+    python -m benchmarks.run --size train             # FPN, CBAM, fusion, BiFPN at batch 16
 
 Each pair of :data:`benchmarks.cases.CASES` runs forward (eval mode, no gradient) and
 forward+backward (train mode; the loss is the sum of the outputs' float32 means, gradients are
@@ -14,6 +15,10 @@ when ours is faster.
 Precision: ``--dtype bfloat16`` or ``float16`` casts the inputs to that dtype and runs every
 step under ``torch.autocast`` with float32 parameters (mixed precision, as people train);
 float32 runs without autocast.
+
+``--size train`` times the blocks at a training size instead (EfficientDet-D0: batch 16 of
+512 x 512 images, see :func:`benchmarks.cases.training_cases`). ``meta`` records the git commit
+measured and whether the tree was clean (results under ``benchmarks/results/`` aside).
 
 Next to each ratio (see :mod:`benchmarks.limits`): achieved GFLOP/s, bytes moved and GB/s for
 memory-bound blocks, time(block) / time(its convolutions alone), the cost of dilation, the
@@ -28,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,14 +45,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.cases import CASES, Case, Inputs
+from benchmarks.cases import CASES, Case, Inputs, training_cases
 from benchmarks.limits import SLOW_KERNEL, ConvReplay, count_flops, kernels, tensor_bytes, tensors
 from benchmarks.report import device_name, header, progress, to_markdown, write_json
 from benchmarks.timing import Settings, peak_memory_mb, time_interleaved
 
-__all__ = ["MODES", "main", "select_cases"]
+__all__ = ["MODES", "SIZES", "git_state", "main", "select_cases"]
 
 MODES = ("fwd", "fwd+bwd")
+SIZES = ("default", "train")
+REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUICK = Settings(rounds=3, block_s=0.002)
 NOISY = 0.25
@@ -54,12 +63,32 @@ BACKWARD = ("loss = sum of the outputs' float32 means, gradients set to None eac
             "blocks' inputs need a gradient, images do not")
 
 
-def select_cases(pattern: str | None) -> list[Case]:
-    """The cases whose ``"name vs peer"`` matches ``pattern`` (a case-insensitive regex)."""
+def select_cases(pattern: str | None, size: str = "default") -> list[Case]:
+    """The cases whose ``"name vs peer"`` matches ``pattern`` (a case-insensitive regex), at
+    the default sizes or (``size="train"``) those timed at a training size."""
+    cases = list(CASES) if size == "default" else training_cases(CASES)
     if not pattern:
-        return list(CASES)
+        return cases
     regex = re.compile(pattern, re.IGNORECASE)
-    return [case for case in CASES if regex.search(case.label)]
+    return [case for case in cases if regex.search(case.label)]
+
+
+def git_state(repo: Path = REPO) -> dict[str, str | bool | None]:
+    """``{"commit": HEAD's hash, "clean": no tracked file changed}`` of ``repo``; results under
+    ``benchmarks/results/`` do not count (a check writes them between runs). Outside a git
+    checkout (a copy of the tree on a GPU machine, say) the commit is ``$DILCONV_COMMIT`` if
+    set, and cleanliness unknown; both ``None`` without either."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": os.environ.get("DILCONV_COMMIT") or None, "clean": None}
+    return {"commit": commit, "clean": not changed}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -73,6 +102,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats")
+    parser.add_argument("--size", choices=SIZES, default="default",
+                        help="train: the blocks at EfficientDet-D0's training size (batch 16, "
+                        "512 x 512 images)")
+    parser.add_argument("--budget-s", type=float, metavar="S",
+                        help=f"seconds of timing per case and mode (default "
+                        f"{Settings().budget_s:g}; fewer rounds when short)")
     parser.add_argument("--cases", metavar="PATTERN", help="regex on 'name vs peer'")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads (torch.set_num_threads); torch's default if left out")
@@ -267,10 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.budget_s is not None and not args.budget_s > 0:
+        raise SystemExit(f"--budget-s must be > 0, got {args.budget_s}")
     device = _device(args.device)
-    cases = select_cases(args.cases)
+    cases = select_cases(args.cases, args.size)
     if not cases:
-        print(f"no case matches --cases {args.cases!r}", file=sys.stderr)
+        print(f"no case matches --cases {args.cases!r} at --size {args.size}", file=sys.stderr)
         return 2
     with _global_settings(args.threads, device, args.deterministic):
         meta, rows = _run(args, device, cases)
@@ -287,13 +324,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, device: torch.device,
          cases: list[Case]) -> tuple[dict, list[dict]]:
     settings = QUICK if args.quick else Settings()
+    if args.budget_s is not None:
+        settings = dataclasses.replace(settings, budget_s=args.budget_s,
+                                       block_s=min(settings.block_s, args.budget_s / 10))
     meta = {
+        **git_state(),
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "dtype": args.dtype,
         "precision": "float32" if args.dtype == "float32" else
         f"inputs in {args.dtype}, float32 parameters, torch.autocast",
         "channels_last": args.channels_last, "compile": args.compile,
-        "deterministic": args.deterministic, "quick": args.quick,
+        "deterministic": args.deterministic, "quick": args.quick, "size": args.size,
         "rounds": [settings.min_rounds, settings.rounds],
         "backward": BACKWARD, "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "skipped": [],

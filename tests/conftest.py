@@ -6,6 +6,12 @@ import pytest
 import torch
 from hypothesis import settings
 
+if not torch.cuda.is_available():
+    # Without a GPU the fused WeightedFusion kernels run in Triton's interpreter
+    # (tests/test_fusion_triton.py). Triton reads this when triton.language is first imported,
+    # which some test modules and doctests do: set it before any of them is collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile("dilconv", max_examples=15, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dilconv"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
 
 import pytest
 
@@ -130,3 +131,64 @@ def test_missing_package_skips_the_case(tmp_path, monkeypatch):
     assert data["meta"]["skipped"] == [
         {"case": absent.label, "missing": ["dilconv_no_such_package"]}
     ]
+
+
+def test_meta_records_the_commit_and_whether_the_tree_was_clean(tmp_path, monkeypatch):
+    json_path, md_path = tmp_path / "b.json", tmp_path / "b.md"
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--cases", r"^CBAM", "--json",
+            str(json_path), "--markdown", str(md_path)]
+    assert run.main(argv) == 0
+    meta = json.loads(json_path.read_text())["meta"]
+    head = subprocess.run(["git", "-C", str(run.REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode != 0:  # not a git checkout (an sdist, say): recorded as unknown
+        assert meta["commit"] is None and meta["clean"] is None
+        return
+    assert meta["commit"] == head.stdout.strip()
+    assert isinstance(meta["clean"], bool) and meta["size"] == "default"
+    assert f"Commit {meta['commit'][:12]}" in md_path.read_text().splitlines()[0]
+
+
+def test_git_state_sees_a_changed_file_but_not_the_results(tmp_path, monkeypatch):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "y")
+    state = run.git_state(tmp_path)
+    assert state["clean"] is True and len(state["commit"]) == 40
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"new": 1}\n')
+    assert run.git_state(tmp_path)["clean"] is True
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert run.git_state(tmp_path)["clean"] is False
+    monkeypatch.delenv("DILCONV_COMMIT", raising=False)
+    assert run.git_state(tmp_path / "nowhere") == {"commit": None, "clean": None}
+    monkeypatch.setenv("DILCONV_COMMIT", "abc123")  # a copy of the tree without .git
+    assert run.git_state(tmp_path / "nowhere") == {"commit": "abc123", "clean": None}
+
+
+def test_training_size_cases(tmp_path):
+    from benchmarks.cases import TRAINING_BATCH, training_cases
+
+    chosen = run.select_cases(None, "train")
+    assert [c.label for c in chosen] == [c.label for c in training_cases()]
+    names = {case.name.split(" [")[0] for case in chosen}
+    assert {"FPNNeck", "CBAM", "WeightedFusion(2)", "WeightedFusion(3)"} <= names
+    assert any(name.startswith("BiFPN D0") for name in names)
+    assert not any("shared" in name for name in names)
+    fusion = next(c for c in chosen if c.name.startswith("WeightedFusion(3)"))
+    _, _, maps = fusion.build(False)
+    assert [tuple(m.shape) for m in maps] == [(TRAINING_BATCH, 64, 64, 64)] * 3
+    json_path = tmp_path / "b.json"
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--size", "train", "--cases",
+            r"^CBAM", "--json", str(json_path)]
+    assert run.main(argv) == 0
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["size"] == "train"
+    assert {row["name"] for row in data["cases"]} == {next(
+        c.name for c in chosen if c.name.startswith("CBAM"))}

@@ -21,6 +21,9 @@ tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tom
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "dilconv"
+OPTIONAL = {"triton": "_fusion_kernels.py"}
+"""Optional imports and the one module that makes them, imported on first use only: Triton for
+the fused CUDA WeightedFusion kernels (torch's CUDA wheels ship it; without it, the plain path)."""
 
 
 def _normalise(distribution: str) -> str:
@@ -53,7 +56,7 @@ def _imported(*, converters: bool = False, module_level: bool = False) -> set[st
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         names |= _names(tree.body if module_level else ast.walk(tree))
-    return names
+    return names - set(OPTIONAL)
 
 
 def _distributions(names: set[str]) -> set[str]:
@@ -95,3 +98,14 @@ def test_import_dilconv_imports_no_converter_library():
             "import dilconv; loaded = {'timm', 'effdet'} & set(sys.modules); "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, env=os.environ)
+
+
+def test_optional_imports_stay_in_their_module():
+    for name, home in OPTIONAL.items():
+        for path in SRC.rglob("*.py"):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            modules = {alias.name.partition(".")[0] for node in ast.walk(tree)
+                       if isinstance(node, ast.Import) for alias in node.names}
+            modules |= {node.module.partition(".")[0] for node in ast.walk(tree)
+                        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module}
+            assert (name in modules) == (path.name == home), (name, path.name)

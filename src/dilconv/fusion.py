@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from dilconv import _fusion_triton
 from dilconv._checks import (
     check_choice,
     check_positive,
@@ -250,6 +251,10 @@ class WeightedFusion(nn.Module):
         check_same_shape(inputs, count=self.num_inputs, name=type(self).__name__)
         if self.mode == "sum":
             return _plain_sum(inputs)
+        # CUDA: one fused Triton kernel each way (dilconv._fusion_triton), where it serves;
+        # traced code (fx, jit.trace) records the plain ops, which serve every device.
+        if not is_tracing() and _fusion_triton.use_kernel(self.weight, inputs):
+            return _fusion_triton.weighted_fusion(self.weight, inputs, self.mode, self.eps)
         factors = self.fusion_weights()
         # The lean backward only for large maps, in eager, when a gradient is wanted; elsewhere
         # plain ops (also what Dynamo needs: compiled, Inductor fuses the backward itself, and
