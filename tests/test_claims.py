@@ -158,9 +158,8 @@ def test_dilatednet_normalises_with_the_vgg16_weights_preset():
     """examples/dilatednet/models.py: ``normalize=True`` subtracts the ImageNet mean and divides
     by its std, "which torchvision's VGG16 weights expect": the preset of
     ``VGG16_Weights.IMAGENET1K_V1`` (built without downloading) normalises the same way."""
-    from torchvision.transforms.v2 import functional as TF
-
     from examples.dilatednet.models import DilatedNet
+    from torchvision.transforms.v2 import functional as TF
 
     preset = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()
     torch.manual_seed(0)
