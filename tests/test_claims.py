@@ -170,3 +170,36 @@ def test_dilatednet_normalises_with_the_vgg16_weights_preset():
     with torch.no_grad():
         torch.testing.assert_close(
             normalising(x), plain(TF.normalize(x, mean=preset.mean, std=preset.std)))
+
+
+def _tv_trunk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+RESNET_SOURCES = {
+    "resnet18": lambda: torchvision.models.resnet18(weights=None),
+    "bottleneck_grouped_dilated_frozen": lambda: torchvision.models.resnet.ResNet(
+        Bottleneck, [1, 2, 1, 1], groups=2, width_per_group=16,
+        replace_stride_with_dilation=[False, True, True],
+        norm_layer=torchvision.ops.misc.FrozenBatchNorm2d),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(RESNET_SOURCES))
+def test_converted_resnet_computes_exactly_what_torchvision_computes(name, train):
+    """docs/guides/dilate_resnet.rst: "Without output_stride the conversion computes exactly what
+    the source computes": the same operations in the same order, so bit for bit."""
+    torch.manual_seed(0)
+    source = RESNET_SOURCES[name]().train(train)
+    with torch.no_grad():
+        for module in source.modules():  # statistics and affine terms away from 0 and 1
+            for buffer in ("running_mean", "running_var", "weight", "bias"):
+                t = getattr(module, buffer, None)
+                if isinstance(t, torch.Tensor) and not isinstance(module, nn.Conv2d):
+                    t.uniform_(0.5, 1.5)
+    net = DilatedResNet.from_torchvision(source)
+    x = torch.randn(2, 3, 45, 38)
+    with torch.no_grad():
+        assert torch.equal(net(x)[-1], _tv_trunk(source, x))
