@@ -387,8 +387,9 @@ def linear_to_conv(linear: nn.Linear, in_channels: int, kernel_size: int = 1, *,
     """A convolution applying ``linear`` to every (flattened) ``k x k`` window of its input.
 
     With ``dilation=1`` and ``padding=0`` on a ``k x k`` map it computes ``linear`` on
-    ``torch.flatten(x, 1)`` exactly (the "convolutionalisation" of Long et al., FCN). The new
-    layer gets copies of the weights with the same ``requires_grad``, device and dtype.
+    ``torch.flatten(x, 1)``, to float round-off (the "convolutionalisation" of Long et al.,
+    FCN). The new layer gets copies of the weights with the same ``requires_grad``, device and
+    dtype.
 
     Args:
         linear: with ``in_features == in_channels * kernel_size ** 2``.
