@@ -203,3 +203,25 @@ def test_converted_resnet_computes_exactly_what_torchvision_computes(name, train
     x = torch.randn(2, 3, 45, 38)
     with torch.no_grad():
         assert torch.equal(net(x)[-1], _tv_trunk(source, x))
+
+
+def test_schedules_keep_the_peak_in_initial_lr_as_torchs_schedulers_do():
+    """examples/harness/schedule.py: the peak is each group's ``initial_lr``, "set from ``lr``
+    the first time, as PyTorch's schedulers do"; stepped per epoch, the rates are MultiStepLR's."""
+    from examples.harness.schedule import make_schedule
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.1},
+                                {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.3}])
+
+    theirs, ours = optimizer(), optimizer()
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(theirs, [1, 3], 0.5)
+    schedule = make_schedule(5, [1, 3], 0.5)
+    for epoch in range(5):
+        schedule.apply(ours, epoch)
+        assert ([g["initial_lr"] for g in ours.param_groups]
+                == [g["initial_lr"] for g in theirs.param_groups] == [0.1, 0.3])
+        assert [g["lr"] for g in ours.param_groups] == pytest.approx(
+            [g["lr"] for g in theirs.param_groups], rel=1e-12)
+        theirs.step()
+        scheduler.step()
