@@ -225,3 +225,16 @@ def test_schedules_keep_the_peak_in_initial_lr_as_torchs_schedulers_do():
             [g["lr"] for g in theirs.param_groups], rel=1e-12)
         theirs.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize("fpn_name", ["bifpn_fa", "bifpn_attn", "bifpn_sum"])
+@pytest.mark.parametrize("num_levels", [2, 3, 5, 7])
+def test_bifpn_graph_is_effdets(fpn_name, num_levels):
+    """convert/effdet.py ``bifpn_graph``: "the graph of ... effdet's ``bifpn_*``", node for node
+    and input for input, against effdet's own FPN config."""
+    from effdet.config.fpn_config import get_fpn_config
+
+    from dilconv.convert.effdet import bifpn_graph
+
+    config = get_fpn_config(fpn_name, min_level=3, max_level=2 + num_levels)
+    assert bifpn_graph(num_levels) == [list(node["inputs_offsets"]) for node in config.nodes]
