@@ -238,3 +238,43 @@ def test_bifpn_graph_is_effdets(fpn_name, num_levels):
 
     config = get_fpn_config(fpn_name, min_level=3, max_level=2 + num_levels)
     assert bifpn_graph(num_levels) == [list(node["inputs_offsets"]) for node in config.nodes]
+
+
+def test_coco_figures_without_ground_truth_are_minus_one_as_cocoeval_gives_them(tmp_path):
+    """examples/harness/tasks.py: "-1 where a figure has no ground truth, as COCO gives it":
+    with no small objects in the file, our evaluator and pycocotools' ``COCOeval`` give the same
+    twelve statistics, ``map_small`` and ``mar_small`` -1 in both."""
+    import numpy as np
+    from examples.detector_neck.data import build_detection_datasets
+    from examples.detector_neck.train import TASK
+    from examples.harness.distributed import Dist
+    from examples.harness.tasks import COCO_STATS
+
+    from test_detector_coco_eval import (
+        SIZES,
+        _annotations,
+        _cocoeval_stats,
+        _detections,
+        _Replay,
+        _write_folder,
+    )
+
+    rng = np.random.default_rng(0)
+    anns = [a for a in _annotations(rng) if a["area"] >= 32**2 or a["iscrowd"]]
+    dets = _detections(rng, anns)
+    _write_folder(tmp_path, anns)
+    _, val, classes = build_detection_datasets("coco", tmp_path, (64, 64), None, seed=0)
+    label_of = {1: 1, 3: 2}
+    answers = []
+    for image_id in range(1, len(SIZES) + 1):
+        mine = [d for d in dets if d["image_id"] == image_id]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)])
+        answers.append({"boxes": boxes, "scores": torch.tensor([d["score"] for d in mine]),
+                        "labels": torch.tensor([label_of[d["category_id"]] for d in mine])})
+    scores = TASK.evaluator(len(classes), torch.device("cpu"),
+                            lambda: torch.autocast("cpu", enabled=False))
+    scores.update(_Replay(answers), *TASK.collate([val[i] for i in range(len(val))], train=False))
+    ours = scores.compute(Dist(0, 1, 0, torch.device("cpu")))
+    reference = _cocoeval_stats(tmp_path / "annotations" / "instances_val.json", dets)
+    assert [ours[key] for key in COCO_STATS] == pytest.approx(list(reference), abs=1e-6)
+    assert ours["map_small"] == ours["mar_small"] == -1
