@@ -4,9 +4,10 @@ Every builder returns ``(ours, peer, inputs)`` built with random weights (nothin
 at the default sizes, or at tiny sizes with ``quick=True``. Where the two sides compute the
 same function, the peer gets our weights (or the reverse), so that both do the same work on the
 same inputs. Studies without a torchvision counterpart are left out: the DilatedNet of seed 002
-(a dilated VGG16 front-end with no pool4/pool5) has none, as torchvision's segmentation models
-are ResNet-based. :func:`training_cases` gives the blocks again at a training size
-(EfficientDet-D0: batch 16 of 512 x 512 images).
+(a dilated VGG16 front-end with no pool4/pool5) has none: torchvision's segmentation models
+(DeepLabV3, FCN, LR-ASPP) are built on ResNet and MobileNetV3, none on VGG.
+:func:`training_cases` gives the blocks again at a training size (EfficientDet-D0: batch 16
+of 512 x 512 images).
 """
 
 from __future__ import annotations

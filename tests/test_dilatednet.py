@@ -15,6 +15,7 @@ import torchvision
 from examples.dilatednet.data import IGNORE_INDEX, DigitsSegmentationCanvas
 from examples.dilatednet.models import (
     DilatedNet,
+    FrontEnd,
     convolutionalised_vgg16,
     linear_to_conv,
     load_vgg16_weights,
@@ -259,6 +260,26 @@ def test_from_torchvision_copies_vgg16s_weights(vgg16):
         torch.testing.assert_close(ours, vgg16.features[:23](x))
         assert net(x).shape == (1, 21, 40, 48)
     assert net.frontend.final.weight.std() < 0.01
+
+
+def test_front_end_starts_as_torchvisions_vgg16(vgg16):
+    """FrontEnd.reset_parameters: convolutions and fc6/fc7 start as torchvision's VGG16 starts
+    its convolutions and linear layers (same spread within 6 standard errors, zero biases);
+    ``final`` N(0, 0.001). PyTorch's default conv init would be ~1.7x off."""
+    torch.manual_seed(0)
+    ours = FrontEnd(5, fc_channels=256)
+    sources = [m for m in vgg16.features if isinstance(m, nn.Conv2d)]
+    targets = [ours.features.get_submodule(n) for n in ours.conv_names]
+    pairs = [*zip(targets, sources, strict=True), (ours.fc6, vgg16.classifier[0]),
+             (ours.fc7, vgg16.classifier[3])]
+    for mine, theirs in pairs:
+        # iid draws: the first million of a tensor are a fair sample of all of it
+        a, b = (m.weight.detach().flatten()[:10**6].double() for m in (mine, theirs))
+        tolerance = 6 * b.std() * math.sqrt(1 / (min(a.numel(), b.numel()) - 1))
+        assert abs(a.std() - b.std()) < tolerance and abs(a.mean()) < tolerance, mine
+        assert torch.all(mine.bias == 0) and torch.all(theirs.bias == 0), mine
+    assert abs(ours.final.weight.std().item() - 1e-3) < 1e-4
+    assert torch.all(ours.final.bias == 0)
 
 
 def test_from_torchvision_keeps_flags_mode_and_dtype():

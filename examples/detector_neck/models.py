@@ -8,7 +8,9 @@ turning its features into the maps the SSD head reads (SPEC 3.2):
 - ``fpn_bilinear``: :class:`dilconv.FPNNeck` with bilinear up-sampling;
 - ``fpn_transposed``: :class:`dilconv.FPNNeck` with :class:`dilconv.TransposedConvUpsampler`
   (the seed's ``ConvTranspose2d(k=2, s=2)`` + BN);
-- ``bifpn``: :class:`dilconv.BiFPN` as EfficientDet builds it, C3-C5 to P3-P7.
+- ``bifpn``: :class:`dilconv.BiFPN`, C3-C5 to P3-P7 (P6 and P7 made from C5 as effdet makes
+  them) at EfficientDet-D0's width and depth (64 channels, 3 layers), dilconv's defaults
+  otherwise (the paper's node order, ``nn.BatchNorm2d``'s own settings).
 
 The backbone gives C3-C5: the deepest feature of strides 8, 16 and 32. In torchvision's b4
 the 112- and 160-channel stages share stride 16 and the 272- and 448-channel stages share

@@ -9,7 +9,7 @@ initialised) may follow; bilinear up-sampling brings the scores back to the inpu
 Padding: the authors' Caffe front-end (github.com/fyu/dilation, ``network.py``) pads no
 convolution and reflect-pads the input image by a 186 px margin instead. Here every
 convolution keeps its map size (padding 1 in conv1-conv4, 2 in the dilated conv5, 12 in fc6)
-and the three poolings round up (``ceil_mode=True``, as Caffe's pooling does), so any H x W
+and the three poolings round up (``ceil_mode=True``), so any H x W
 input, odd or as small as 1 x 1, gives ceil(H/8) x ceil(W/8) scores. Receptive fields do not
 depend on padding. Score pixel ``j`` is centred on input pixel ``8j + 3.5``; the scores are
 up-sampled by exactly 8 (bilinear, ``align_corners=False``) and cropped to H x W, which keeps
@@ -64,8 +64,8 @@ _CONV5_DILATION = 2
 _FC6_KERNEL = 7
 _FC6_DILATION = 4
 _FC_PER_WIDTH = 4096 // 64
-# torchvision initialises VGG's linear layers with N(0, 0.01); the authors' Caffe filler for
-# the final layer is N(0, 0.001). Biases start at 0.
+# fc6/fc7 N(0, 0.01), the initialisation torchvision's VGG gives its linear layers; the final
+# layer N(0, 0.001), the std of the authors' Caffe filler (read, not run). Biases start at 0.
 _FC_STD = 1e-2
 _FINAL_STD = 1e-3
 
@@ -91,8 +91,8 @@ class FrontEnd(nn.Module):
         width: channels of conv1; the five blocks have ``width * (1, 2, 4, 8, 8)`` channels
             (64 is VGG16: 64, 128, 256, 512, 512).
         fc_channels: channels of fc6 and fc7; default ``64 * width`` (4096 at width 64).
-        dropout: probability of ``nn.Dropout`` (element-wise, like Caffe's Dropout layer and
-            torchvision's VGG classifier) after fc6 and after fc7; the paper's front-end uses 0.5.
+        dropout: probability of ``nn.Dropout`` (element-wise, not channel-wise)
+            after fc6 and after fc7; the paper's front-end uses 0.5.
 
     Attributes:
         conv_names: the 13 convolutions' names in ``features``, ``conv1_1`` ... ``conv5_3``.
@@ -138,8 +138,9 @@ class FrontEnd(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Convolutions as torchvision's VGG (Kaiming normal, fan out), fc6/fc7 N(0, 0.01) as
-        its linear layers, ``final`` N(0, 0.001) as the authors' code; biases 0."""
+        """Kaiming normal convolutions (fan out, ReLU gain) and N(0, 0.01) fc6/fc7, the
+        initialisation torchvision's VGG16 gives its convolutions and linear layers; ``final``
+        N(0, 0.001), the std of the authors' Caffe filler (read, not run); biases 0."""
         for name in self.conv_names:
             conv = self.features.get_submodule(name)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
@@ -221,7 +222,7 @@ class DilatedNet(nn.Module):
         if not torch.is_floating_point(x):
             raise TypeError(f"DilatedNet expected float images in [0, 1], got {x.dtype}")
         if self.normalize:
-            # As torchvision's detection transforms do: constants made on the input's device.
+            # Constants made on the input's device and in its dtype.
             mean = torch.as_tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)
             std = torch.as_tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)
             x = (x - mean[:, None, None]) / std[:, None, None]
@@ -386,8 +387,9 @@ def linear_to_conv(linear: nn.Linear, in_channels: int, kernel_size: int = 1, *,
     """A convolution applying ``linear`` to every (flattened) ``k x k`` window of its input.
 
     With ``dilation=1`` and ``padding=0`` on a ``k x k`` map it computes ``linear`` on
-    ``torch.flatten(x, 1)`` exactly (the "convolutionalisation" of Long et al., FCN). The new
-    layer gets copies of the weights with the same ``requires_grad``, device and dtype.
+    ``torch.flatten(x, 1)``, to float round-off (the "convolutionalisation" of Long et al.,
+    FCN). The new layer gets copies of the weights with the same ``requires_grad``, device and
+    dtype.
 
     Args:
         linear: with ``in_features == in_channels * kernel_size ** 2``.

@@ -159,8 +159,8 @@ def _loaders(train: Dataset, test: Dataset, config: TrainConfig, info: Dist, tas
 def worker_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed of epoch ``epoch``'s train DataLoader on ``rank``: a function of the three alone.
 
-    Worker ``w`` of that epoch seeds torch and Python's ``random`` with a base seed drawn from a
-    generator set to this value, plus ``w`` (NumPy from both), as DataLoader does.
+    DataLoader itself seeds worker ``w`` of that epoch: torch and Python's ``random`` with a base
+    seed drawn from a generator set to this value, plus ``w`` (NumPy from both).
     """
     entropy = (seed % 2**64, epoch, rank)
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)

@@ -133,8 +133,9 @@ def build_vgg(arch: str = "vgg16", num_classes: int = 1000,
     ``weights`` is a file holding the ``state_dict`` of ``arch`` with ImageNet's 1000 classes
     (what ``torchvision.models.VGG16_Weights.IMAGENET1K_V1`` downloads, saved on a machine that
     can download); it is read with ``torch.load(weights_only=True)`` and loaded strictly before
-    the last Linear layer is replaced by a fresh ``Linear(4096, num_classes)`` initialised as
-    torchvision initialises VGG's (normal, std 0.01, bias 0). Nothing is downloaded.
+    the last Linear layer is replaced by a fresh ``Linear(4096, num_classes)`` with weights
+    N(0, 0.01) and bias 0 (the initialisation torchvision's VGG gives its linear layers).
+    Nothing is downloaded.
 
     ``"vgg_tiny"`` is for CPU runs and tests: torchvision's :class:`~torchvision.models.VGG`
     with VGG16's configuration "D" (13 convolutions, batch norm, five max-pools) at widths

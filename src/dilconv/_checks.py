@@ -7,8 +7,8 @@ message naming what was expected before any arithmetic runs.
 
 Tracers pass stand-ins whose values are unknown: ``torch.fx`` passes ``Proxy`` objects for
 tensors and sizes, ``torch.jit.trace`` records sizes as tensors. The input checks let them
-through unchecked (a traced graph holds no input checks, as torchvision's ops traced with
-``torch.fx`` hold none), and :func:`check_levels` hands back a proxy pyramid as its levels.
+through unchecked (a traced graph holds no input checks), and :func:`check_levels` hands back
+a proxy pyramid as its levels.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """Convolutional Block Attention Module (Woo et al., CBAM, ECCV 2018, eq. 1-4).
 
 Channel attention (eq. 2) then spatial attention (eq. 3), each applied multiplicatively
-(eq. 1). The layers are those of the authors' code: the shared MLP has a bias on both
-layers and a hidden width of :func:`~dilconv._checks.reduced_channels` ``(C, reduction)``;
+(eq. 1). The layers are those the authors' code builds, as read from its source (not run
+here): the shared MLP has a bias on both layers and a hidden width of
+:func:`~dilconv._checks.reduced_channels` ``(C, reduction)``;
 the spatial ``k x k`` convolution has no bias and is followed by a norm layer, with no
-activation before the sigmoid. The spatial descriptor differs from that code in one place:
-it concatenates the channel-wise mean *before* the max, as the paper's eq. 3 writes
-``[AvgPool(F); MaxPool(F)]`` and timm's ``CbamModule`` does, whereas the authors' code puts
-the max first; their weights load after swapping the two input channels of
-``spatial.conv.weight``. State-dict keys: ``channel.fc1``, ``channel.fc2``,
+activation before the sigmoid. The spatial descriptor concatenates the channel-wise mean
+*before* the max, as the paper's eq. 3 writes ``[AvgPool(F); MaxPool(F)]`` and as timm's
+``CbamModule`` does; the authors' code puts the max first, so a state dict of theirs would
+need the two input channels of ``spatial.conv.weight`` swapped (not tested: their code is
+not a dependency). State-dict keys: ``channel.fc1``, ``channel.fc2``,
 ``spatial.conv``, ``spatial.bn``. timm's ``CbamModule`` computes the same with an MLP
 without biases (its ``mlp_bias=False``); :meth:`CBAM.from_timm` converts it.
 """
@@ -58,8 +59,9 @@ class ChannelAttention(nn.Module):
 
     pooling over the spatial positions, :math:`\sigma` the sigmoid and :math:`\delta` the
     activation. One MLP is shared by both descriptors: 1x1 conv to ``max(1, C // reduction)``
-    channels, activation, 1x1 conv back to C (both with bias, so :math:`b_1` enters twice, as
-    in the authors' code; ``mlp_bias=False``, timm's default, drops :math:`b_0, b_1`). The
+    channels, activation, 1x1 conv back to C (both with bias, so :math:`b_1` enters twice; the
+    authors' code, as read, has both biases; ``mlp_bias=False``, timm's default, drops
+    :math:`b_0, b_1`). The
     output is :math:`M_c(F) \otimes F`, broadcast over H and W.
 
     Args:

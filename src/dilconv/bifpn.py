@@ -42,12 +42,11 @@ __all__ = ["BiFPN", "BiFPNLayer", "DOWNSAMPLE_PADDINGS", "NODE_ORDERS", "PROJECT
 
 NODE_ORDERS = ("conv_norm_act", "act_conv_norm")
 """Order of the operations after each fusion: the paper's text (sec. 3.3: separable conv,
-batch norm, activation) or the official implementation's, which effdet ports (activation,
-separable conv, batch norm)."""
+batch norm, activation) or effdet's ``BiFpn`` (activation, separable conv, batch norm)."""
 
 PROJECTIONS = ("per_node", "shared")
 """Where the first layer's inputs are brought to ``channels``: ``"per_node"``, EfficientDet's
-graph (the official code and effdet), gives every fusion node of the first layer its own 1x1
+graph as effdet builds it, gives every fusion node of the first layer its own 1x1
 convolution + norm for each input whose channels differ, so a backbone level read by two nodes
 is projected twice; ``"shared"`` projects each level once before the first layer (cheaper: at
 EfficientDet-D0's size 168 k against 194 k parameters, and fewer FLOPs; not EfficientDet's
@@ -55,10 +54,10 @@ network)."""
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 """Padding of the 3x3 stride-2 max-pools: ``"symmetric"`` pads one pixel on every side (effdet's
-``efficientdet_*`` models); ``"same"`` is TensorFlow's "SAME" padding of the official models
-(effdet's ``tf_efficientdet_*``): the total padding ``max((ceil(H/2) - 1) * 2 + 3 - H, 0)`` is
-split with the odd pixel at the right/bottom, so an even-sized map is padded on the right and
-bottom only. Both give ``ceil(H / 2)``."""
+``efficientdet_*`` models); ``"same"`` is TensorFlow's "SAME" padding, which effdet's
+``tf_efficientdet_*`` models use (timm's ``MaxPool2dSame``): the total padding
+``max((ceil(H/2) - 1) * 2 + 3 - H, 0)`` is split with the odd pixel at the right/bottom, so an
+even-sized map is padded on the right and bottom only. Both give ``ceil(H / 2)``."""
 
 Features = Sequence[Tensor] | Mapping[Hashable, Tensor]
 
@@ -192,7 +191,7 @@ class _FusionNode(nn.Module):
 class _ExtraLevel(nn.Module):
     """A coarser level made EfficientDet's way: 1x1 conv + norm where the channels differ, then
     a 3x3 stride-2 max-pool to ``ceil(H / 2)``, padded symmetrically or with TensorFlow's
-    "SAME" padding of the official code (``padding``, see :data:`DOWNSAMPLE_PADDINGS`)."""
+    "SAME" padding (``padding``, see :data:`DOWNSAMPLE_PADDINGS`)."""
 
     def __init__(
         self,
@@ -302,13 +301,13 @@ class BiFPNLayer(nn.Module):
         norm_layer: norm class or factory, called as ``norm_layer(C)``; ``None`` for no norm.
         node_order: what follows each fusion. ``"conv_norm_act"`` (default): separable conv,
             norm, activation, as the paper's sec. 3.3 describes. ``"act_conv_norm"``:
-            activation, separable conv, norm, as the official implementation and effdet's
-            ``BiFpn`` compute it. Same parameters and state_dict keys either way.
+            activation, separable conv, norm, as effdet's ``BiFpn`` computes it. Same parameters
+            and state_dict keys either way.
         in_channels: channels of each input level (default: C for every level). Levels with
             other channels are projected to C inside each node that reads them, as in the
             first layer of EfficientDet's BiFPN.
-        redundant_bias: give every 1x1 convolution that a norm follows a bias too, as the
-            official EfficientDet weights have (effdet's ``redundant_bias``); without a norm
+        redundant_bias: give every 1x1 convolution that a norm follows a bias too, as effdet's
+            ``tf_efficientdet_*`` models have (effdet's ``redundant_bias``); without a norm
             the convolutions always have one.
         downsample_padding: padding of the stride-2 max-pools, ``"symmetric"`` or
             TensorFlow's ``"same"`` (see :data:`DOWNSAMPLE_PADDINGS`).
@@ -428,11 +427,11 @@ class BiFPN(nn.Module):
     :class:`BiFPNLayer` follow. How input levels whose channels differ from ``channels`` reach
     it is ``projection``:
 
-    - ``"per_node"`` (default): EfficientDet's network, as the official code and effdet build
-      it. Every node of the first layer has its own 1x1 convolution + ``norm_layer`` for each
-      such input, so a level that two nodes read is projected twice (C4 and C5 in
-      EfficientDet-D0). This is the default because it is the network the paper's results,
-      its checkpoints and :meth:`from_effdet` have.
+    - ``"per_node"`` (default): EfficientDet's network, as effdet builds it. Every node of the first
+      layer has its own 1x1 convolution + ``norm_layer`` for each such input, so a level that
+      two nodes read is projected twice (C4 and C5 in EfficientDet-D0). This is the default
+      because it is the network the paper's results, its checkpoints and :meth:`from_effdet`
+      have.
     - ``"shared"``: each level is projected once before the first layer (``projections.{i}``)
       and every node reads the projected map. Cheaper (EfficientDet-D0's BiFPN: 168 k against
       194 k parameters, 0.49 against 0.55 GFLOPs at 512 x 512), but not EfficientDet's network;
@@ -485,9 +484,9 @@ class BiFPN(nn.Module):
             ``norm_layer=partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)``,
             ``node_order="act_conv_norm"``.
         redundant_bias: every 1x1 convolution followed by a norm has a bias too (projections,
-            new levels, the nodes' pointwise convolutions), as in the official EfficientDet
-            weights; new such biases start at zero. ``False`` drops them (effdet's
-            ``efficientdet_d*`` models).
+            new levels, the nodes' pointwise convolutions), as in effdet's
+            ``tf_efficientdet_d*`` models; new such biases start at zero. ``False`` drops them
+            (effdet's ``efficientdet_d*`` models).
         downsample_padding: ``"symmetric"`` or TensorFlow's ``"same"`` padding of every
             stride-2 max-pool (effdet's ``tf_efficientdet_d*``), see :data:`DOWNSAMPLE_PADDINGS`.
 

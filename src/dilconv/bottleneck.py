@@ -118,7 +118,7 @@ class DilatedBottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        out += shortcut  # in place, as torchvision does: norms keep their input for backward
+        out += shortcut  # in place: bn3 keeps its input, not its output, for backward
         return self.relu(out)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,8 @@ __all__ = ["ContextModule", "identity_init_"]
 
 DEFAULT_NOISE_SCALE = 1e-2
 """Noise of eq. 5 relative to ``C / c_out``: the authors' Caffe filler uses
-``std=0.01 / multiplier`` with ``multiplier = c_out / C`` (github.com/fyu/dilation)."""
+``std=0.01 / multiplier`` with ``multiplier = c_out / C`` (github.com/fyu/dilation; read,
+not run here)."""
 
 _DILATIONS = (1, 1, 2, 4, 8, 16, 1)
 _LARGE_MULTIPLIERS = (2, 2, 4, 8, 16, 32, 32)
@@ -61,7 +62,7 @@ def identity_init_(
         base_channels: ``C``; it must divide both channel counts. Default
             ``gcd(in_channels, out_channels)`` (``min`` of the two when one divides the other).
         noise_std: standard deviation of ``epsilon``. Default 0 for eq. 4 (``c_i = c_{i+1} = C``),
-            ``DEFAULT_NOISE_SCALE * C / c_{i+1}`` otherwise, as in the authors' code.
+            ``DEFAULT_NOISE_SCALE * C / c_{i+1}`` otherwise (see :data:`DEFAULT_NOISE_SCALE`).
         generator: random generator for the noise (on the device the noise is drawn on).
 
     Returns:

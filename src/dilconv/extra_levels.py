@@ -86,7 +86,7 @@ class P6P7Levels(ExtraLevels):
 
     Both convolutions have a bias and padding 1, so a level has ``ceil(H / 2)`` rows. RetinaNet
     computes P6 from C5 (``source="input"``, torchvision's ``LastLevelP6P7(2048, 256)`` of
-    ``retinanet_resnet50_fpn_v2``); Detectron's and torchvision's v1 models from P5
+    ``retinanet_resnet50_fpn_v2``); torchvision's v1 models from P5
     (``source="output"``, ``LastLevelP6P7(256, 256)``). The activation runs out of place, since
     P6 is an output too. Keyed ``"p6"``, ``"p7"``.
 
