@@ -112,6 +112,8 @@ def conv_bias(norm_layer: NormLayer | None) -> bool:
 
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (torch < 2.4 asks per device by name)."""
+    if device_type not in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla"):
+        return False  # "meta" and others have no autocast (asking raises)
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
