@@ -14,6 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dilconv import CBAM
 from dilconv.convert import ConversionError, cbam_from_timm
+from peer_helpers import randomise_state
 
 SETTINGS = {
     "default": {},
@@ -30,14 +31,7 @@ THEIR_KEYS = {"spatial.conv": "spatial.conv.conv", "spatial.bn": "spatial.conv.b
 
 
 def randomise(model: nn.Module) -> nn.Module:
-    """Weights, biases and norm statistics away from their start, so that any mix-up shows."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.uniform_(0.5, 2.0)
-            elif tensor.is_floating_point():
-                tensor.normal_(0.0, 0.5)
-    return model
+    return randomise_state(model, std=0.5)
 
 
 def theirs(key: str) -> str:

@@ -245,36 +245,13 @@ def test_coco_figures_without_ground_truth_are_minus_one_as_cocoeval_gives_them(
     with no small objects in the file, our evaluator and pycocotools' ``COCOeval`` give the same
     twelve statistics, ``map_small`` and ``mar_small`` -1 in both."""
     import numpy as np
-    from examples.detector_neck.data import build_detection_datasets
-    from examples.detector_neck.train import TASK
-    from examples.harness.distributed import Dist
     from examples.harness.tasks import COCO_STATS
 
-    from test_detector_coco_eval import (
-        SIZES,
-        _annotations,
-        _cocoeval_stats,
-        _detections,
-        _Replay,
-        _write_folder,
-    )
+    from test_detector_coco_eval import _annotations, _detections, score_both
 
     rng = np.random.default_rng(0)
     anns = [a for a in _annotations(rng) if a["area"] >= 32**2 or a["iscrowd"]]
     dets = _detections(rng, anns)
-    _write_folder(tmp_path, anns)
-    _, val, classes = build_detection_datasets("coco", tmp_path, (64, 64), None, seed=0)
-    label_of = {1: 1, 3: 2}
-    answers = []
-    for image_id in range(1, len(SIZES) + 1):
-        mine = [d for d in dets if d["image_id"] == image_id]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)])
-        answers.append({"boxes": boxes, "scores": torch.tensor([d["score"] for d in mine]),
-                        "labels": torch.tensor([label_of[d["category_id"]] for d in mine])})
-    scores = TASK.evaluator(len(classes), torch.device("cpu"),
-                            lambda: torch.autocast("cpu", enabled=False))
-    scores.update(_Replay(answers), *TASK.collate([val[i] for i in range(len(val))], train=False))
-    ours = scores.compute(Dist(0, 1, 0, torch.device("cpu")))
-    reference = _cocoeval_stats(tmp_path / "annotations" / "instances_val.json", dets)
+    ours, reference, _, _ = score_both(tmp_path, anns, dets)
     assert [ours[key] for key in COCO_STATS] == pytest.approx(list(reference), abs=1e-6)
     assert ours["map_small"] == ours["mar_small"] == -1

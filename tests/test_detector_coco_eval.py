@@ -99,13 +99,11 @@ def _cocoeval_stats(ann_file: Path, dets: list[dict]) -> np.ndarray:
     return scored.stats
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_evaluator_gives_cocoevals_twelve_statistics(tmp_path, seed):
-    rng = np.random.default_rng(seed)
-    anns = _annotations(rng)
-    dets = _detections(rng, anns)
-    _write_folder(tmp_path, anns)
-    train, val, classes = build_detection_datasets("coco", tmp_path, (64, 64), None, seed=0)
+def score_both(root, anns, dets):
+    """Write a COCO folder of ``anns`` under ``root``, score ``dets`` with our evaluator (two
+    batches) and with pycocotools' ``COCOeval``: ``(ours, COCOeval's stats, train, val)``."""
+    _write_folder(root, anns)
+    train, val, classes = build_detection_datasets("coco", root, (64, 64), None, seed=0)
     assert classes == ["__background__", "person", "car"]
     label_of = {1: 1, 3: 2}
     answers = []
@@ -122,7 +120,16 @@ def test_evaluator_gives_cocoevals_twelve_statistics(tmp_path, seed):
                              train=False)
         scores.update(net, *batch)
     ours = scores.compute(Dist(0, 1, 0, torch.device("cpu")))
-    reference = _cocoeval_stats(tmp_path / "annotations" / "instances_val.json", dets)
+    reference = _cocoeval_stats(root / "annotations" / "instances_val.json", dets)
+    return ours, reference, train, val
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evaluator_gives_cocoevals_twelve_statistics(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    anns = _annotations(rng)
+    dets = _detections(rng, anns)
+    ours, reference, train, val = score_both(tmp_path, anns, dets)
     # torchmetrics answers in float32
     assert [ours[key] for key in COCO_STATS] == pytest.approx(list(reference), abs=1e-6)
     # the crowd regions are what makes this differ from scoring them as objects

@@ -21,6 +21,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dilconv import FPNNeck, MaxPoolLevel, P6P7Levels
 from dilconv.convert import ConversionError, fpn_from_torchvision
+from peer_helpers import randomise_state
 
 CHANNELS = [8, 16, 32]
 OUT = 12
@@ -51,14 +52,7 @@ THEIR_KEYS = {"lateral": "inner_blocks.{}.0", "lateral_norm": "inner_blocks.{}.1
 
 
 def randomise(model: nn.Module) -> nn.Module:
-    """Weights, biases and norm statistics away from their start, so that any mix-up shows."""
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.uniform_(0.5, 2.0)
-            elif tensor.is_floating_point():
-                tensor.normal_(0.0, 0.3)
-    return model
+    return randomise_state(model, std=0.3)
 
 
 def features(batch: int = 2) -> dict[str, torch.Tensor]:
