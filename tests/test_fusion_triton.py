@@ -31,6 +31,7 @@ MODES = ("fast", "softmax")
 
 @pytest.fixture
 def on_cpu():
+    _fusion_triton.define_ops()  # some tests call torch.ops.dilconv.* directly
     with _fusion_triton.kernel_on_cpu():
         yield
 
@@ -388,6 +389,9 @@ def test_cuda_float64_gradcheck(mode, count):
 @needs_cuda
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_cuda_compile_fullgraph(dynamic):
+    # A graph compiled before any eager call takes the plain formula (the ops are registered on
+    # first eager use); registered, the compiled graph holds the op.
+    _fusion_triton.define_ops()
     fuse = _module(3, "fast", "cuda")
     inputs = _inputs(3, (2, 8, 17, 19), device="cuda")
     compiled = torch.compile(fuse, fullgraph=True, dynamic=dynamic)

@@ -21,7 +21,9 @@ functorch's ``grad``/``jacrev`` transforms cannot be served by a custom op's aut
 registration: :func:`use_kernel` sends those calls (and anything outside the kernels' scope)
 to the plain formula instead.
 
-Triton is imported on first use only, so ``import dilconv`` works where Triton is absent.
+Triton is imported, and the ops registered, on the first eager call that uses the kernels (or
+:func:`define_ops`), so ``import dilconv`` stays light and works where Triton is absent; a graph
+compiled before that takes the plain formula.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_INPUTS", "available", "kernel_on_cpu", "use_kernel", "weighted_fusion"]
+__all__ = [
+    "MAX_INPUTS", "available", "define_ops", "kernel_on_cpu", "use_kernel", "weighted_fusion",
+]
 
 MAX_INPUTS = 5
 """The kernels take up to this many input pointers (unused ones repeat the first)."""
@@ -49,13 +53,25 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ON_CPU = False
 
 
+_OPS_DEFINED = False
+"""Whether :func:`define_ops` has registered the ops (a plain flag Dynamo can guard on)."""
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Found, not imported (a constant, so that Dynamo reads it without a graph break)."""
 
 
 def available() -> bool:
     """Whether this torch has ``torch.library.triton_op`` and Triton is installed."""
-    return _OPS_DEFINED and _HAS_TRITON
+    return _HAS_TRITON and hasattr(torch.library, "triton_op")
+
+
+def define_ops() -> None:
+    """Register ``dilconv::weighted_fusion`` and its backward, once. Registering imports
+    Triton (and sympy, through torch.library), about 1.6 s, so it happens on the first call
+    that uses the kernels, not at ``import dilconv``."""
+    global _OPS_DEFINED
+    if not _OPS_DEFINED and available():
+        _define_ops()
+        _OPS_DEFINED = True
 
 
 @contextlib.contextmanager
@@ -110,7 +126,12 @@ def use_kernel(weight: Tensor, inputs: Sequence[Tensor]) -> bool:
         x.dtype == first.dtype and x.device == first.device and x.stride() == first.stride()
         for x in inputs[1:]
     )
-    return same and not _transform_without_rule()
+    if not same or _transform_without_rule():
+        return False
+    if torch.compiler.is_compiling():
+        return _OPS_DEFINED  # registering ops while Dynamo traces would break the graph
+    define_ops()
+    return True
 
 
 def _compute_dtype(weight: Tensor, inputs: Sequence[Tensor]) -> torch.dtype:
@@ -134,6 +155,8 @@ def weighted_fusion(weight: Tensor, inputs: Sequence[Tensor], mode: str, eps: fl
     Shape:
         weight (len(inputs),), inputs any shape -> output of the inputs' shape
     """
+    if not _OPS_DEFINED:
+        define_ops()
     w = weight.to(_compute_dtype(weight, inputs))
     return torch.ops.dilconv.weighted_fusion(w, list(inputs), mode, float(eps))
 
@@ -231,9 +254,7 @@ def _plain_factors(weight: Tensor, mode: str, eps: float) -> Tensor:
     return w / (w.sum(dim=-1, keepdim=True) + eps)
 
 
-def _define_ops() -> bool:
-    if not hasattr(torch.library, "triton_op"):
-        return False
+def _define_ops() -> None:
     forward_op: Any = torch.library.triton_op(
         "dilconv::weighted_fusion", _fusion_forward, mutates_args=(),
         schema="(Tensor weight, Tensor[] inputs, str mode, float eps) -> Tensor",
@@ -267,7 +288,6 @@ def _define_ops() -> bool:
     forward_op.register_autograd(backward, setup_context=setup_context)
     forward_op.register_vmap(_forward_vmap)
     backward_op.register_vmap(_backward_vmap)
-    return True
 
 
 def _batched(tensors: Sequence[Tensor], dims: Sequence[int | None], size: int) -> list[Tensor]:
@@ -349,4 +369,3 @@ def _backward_vmap(info: Any, in_dims: tuple[Any, ...], grad: Tensor, weight: Te
     return (grad_weight, grads), (0, [0] * len(grads))
 
 
-_OPS_DEFINED: bool = _define_ops()
