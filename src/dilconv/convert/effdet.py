@@ -14,14 +14,14 @@ not (``pan_fa``/``qufpn_fa`` graphs, ``separable_conv=False``, bilinear or avera
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 from torch import nn
 
 from dilconv._layers import ActLayer, Device, DType, NormLayer, create_act
 from dilconv.bifpn import BiFPN
-from dilconv.convert._common import ConversionError, copy_state, placement
+from dilconv.convert._common import ConversionError, copy_state, norm_factory, placement
 
 __all__ = ["bifpn_from_effdet", "bifpn_graph"]
 
@@ -51,19 +51,11 @@ def _refuse(setting: str, found: str) -> ConversionError:
     return ConversionError(f"{_CONVERTER} cannot express {setting}: {found}")
 
 
-def _layer_factory(module: nn.Module) -> Callable[..., nn.Module]:
-    """A factory that rebuilds ``module``'s type with its settings: its class, with the
-    arguments a BatchNorm2d or LeakyReLU-like layer keeps."""
-    if type(module) is nn.BatchNorm2d:
-        return functools.partial(
-            nn.BatchNorm2d, eps=module.eps, momentum=module.momentum, affine=module.affine,
-            track_running_stats=module.track_running_stats,
-        )
-    if isinstance(module, nn.BatchNorm2d | nn.GroupNorm | nn.LayerNorm):
-        raise _refuse("norm_layer", f"only torch.nn.BatchNorm2d, got {type(module).__qualname__}")
-    if type(module) is nn.LeakyReLU:
-        return functools.partial(nn.LeakyReLU, negative_slope=module.negative_slope)
-    return type(module)
+def _act_factory(act: nn.Module) -> ActLayer:
+    """A factory that rebuilds the activation ``act`` with its settings (LeakyReLU's slope)."""
+    if type(act) is nn.LeakyReLU:
+        return functools.partial(nn.LeakyReLU, negative_slope=act.negative_slope)
+    return type(act)
 
 
 def _same_repr(ours: nn.Module, theirs: nn.Module, where: str) -> None:
@@ -110,9 +102,11 @@ class _Reader:
         self.channels: int = separable.conv_pw.out_channels
         if separable.bn is None:
             raise _refuse("norm_layer=None", "the BiFPN nodes have no norm")
-        self.norm_layer: NormLayer = _layer_factory(separable.bn)
+        self.norm_layer: NormLayer = norm_factory(
+            separable.bn, converter=_CONVERTER, where="the BiFPN nodes' norm"
+        )
         act = first.act if self.pre_act else separable.act
-        self.act_layer: ActLayer | None = None if act is None else _layer_factory(act)
+        self.act_layer: ActLayer | None = None if act is None else _act_factory(act)
         self.redundant_bias = separable.conv_pw.bias is not None
         self.padding = self._downsample_padding()
         self._check_resampling()
