@@ -209,11 +209,12 @@ BLOCK_CASES = [
         LEVELS, 8, num_layers=1, num_levels=5, node_order="act_conv_norm",
         **dd), pyramid(LEVELS, KEYS), kind="pyramid", size=(2, 33, 31), skip=VARIANT,
         large=LARGE_8, converts=True, known_failures=BIFPN_NCHW),
-    # dilconv 0.1's shared projections, TensorFlow "same" max-pools, no redundant biases.
+    # dilconv 0.1's shared projections, TensorFlow "same" max-pools (ONNX export included: their
+    # padding follows the size's parity), no redundant biases.
     Case("bifpn_shared_same_padding", lambda **dd: BiFPN(
         LEVELS, 8, num_layers=2, num_levels=4, projection="shared", redundant_bias=False,
         downsample_padding="same", **dd), pyramid(LEVELS), kind="pyramid", size=(2, 16, 14),
-        skip=VARIANT, converts=True, known_failures=BIFPN_NCHW),
+        skip=COMPILED_ELSEWHERE, converts=True, known_failures=BIFPN_NCHW),
     Case("bifpn_layer", lambda **dd: BiFPNLayer(4, num_levels=3, **dd), pyramid([4, 4, 4]),
          kind="pyramid", skip=COMPILED_ELSEWHERE, large=LARGE_4, converts=True,
          known_failures=BIFPN_NCHW),
