@@ -196,11 +196,6 @@ def _map(
         mapping[prefix + key] = pairs[local] + key[len(local):]
 
 
-def _check_layers(pairs: list[tuple[nn.Module, nn.Module, str]]) -> None:
-    for ours, theirs, where in pairs:
-        _same_repr(ours, theirs, where)
-
-
 def bifpn_from_effdet(fpn: nn.Module, *, device: Device = None, dtype: DType = None) -> BiFPN:
     """A :class:`~dilconv.BiFPN` holding the weights of effdet's ``BiFpn`` with its outputs.
 
@@ -281,7 +276,8 @@ def bifpn_from_effdet(fpn: nn.Module, *, device: Device = None, dtype: DType = N
             if reader.fusion == "sum":  # ours keeps constant weights as a buffer, effdet none
                 del mapping[f"{prefix}fusion.weight"]
                 target_only.append(f"{prefix}fusion.weight")
-    _check_layers(layers)
+    for ours_layer, theirs_layer, where in layers:
+        _same_repr(ours_layer, theirs_layer, where)
     if reader.act_layer is not None:
         first = fpn.cell[0].fnode[0].after_combine
         act = first.act if reader.pre_act else first.conv.act
